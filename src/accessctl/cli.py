@@ -1,0 +1,519 @@
+"""The command-line interface: parse, call the core, render, exit. Nothing else lives here.
+
+Heavy imports (DBOS, SQLAlchemy, drivers) happen inside the commands that need them, so
+``accessctl --help`` stays fast and needs no database.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from accessctl import __version__
+from accessctl.errors import AccessctlError, ExitCode, UsageError
+from accessctl.settings import Settings, resolve_settings
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all requests recorded; 1 some requests failed (see `accessctl errors`); "
+    "2 usage error, nothing filed; 3 configuration invalid or database unreachable; "
+    "4 schema not migrated (run `accessctl migrate`); 130/143 interrupted by SIGINT/SIGTERM "
+    "(the batch resumes with the next run or any worker)."
+)
+
+app = typer.Typer(
+    name="accessctl",
+    help="File user access requests in bulk through durable, globally rate-limited DBOS "
+    "workflows.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+users_app = typer.Typer(help="Add, import and list users, so that requests for them succeed.")
+app.add_typer(users_app, name="users")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """One line on stderr; the caller raises the returned Exit."""
+    sys.stderr.write(f"accessctl: error: {message}\n")
+    sys.stderr.flush()
+    return typer.Exit(code)
+
+
+def handles_errors(func: F) -> F:
+    """Map every failure to one stderr line and its documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AccessctlError as exc:
+            raise fail(exc.message, int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", int(ExitCode.INTERRUPTED)) from None
+        except Exception as exc:
+            from sqlalchemy.exc import DBAPIError
+
+            if isinstance(exc, DBAPIError):
+                from accessctl.db import describe_db_error
+
+                raise fail(
+                    f"database error: {describe_db_error(exc)}", int(ExitCode.CONFIG)
+                ) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings: Settings = ctx.obj["settings"]()
+    return settings
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"accessctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Database URL (sqlite:///PATH or postgresql+psycopg://...). "
+            "[env: ACCESSCTL_DATABASE_URL]",
+            show_default=False,
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        str | None,
+        typer.Option(help="Starts per seconds, e.g. 50/30, or none. [env: ACCESSCTL_RATE_LIMIT]"),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Requests in flight at most, globally. [env: ACCESSCTL_CONCURRENCY]"),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="json or console (default: json unless stderr is a terminal)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="dbos-config.yaml to read. [env: ACCESSCTL_CONFIG]"),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = None,
+) -> None:
+    """File user access requests in bulk through durable, rate-limited DBOS workflows."""
+    import logging
+
+    from accessctl.logs import configure_logging
+    from accessctl.settings import _parse_log_format
+
+    flags = {
+        "database_url": database_url,
+        "rate_limit": str(rate_limit) if rate_limit is not None else None,
+        "concurrency": str(concurrency) if concurrency is not None else None,
+        "log_format": log_format,
+        "config_file": str(config) if config is not None else None,
+    }
+    fmt_text = log_format or os.environ.get("ACCESSCTL_LOG_FORMAT")
+    try:
+        fmt = _parse_log_format(fmt_text, "--log-format") if fmt_text else None
+    except AccessctlError as exc:
+        raise fail(exc.message, int(exc.exit_code)) from None
+    configure_logging(fmt, level=logging.DEBUG if verbose else logging.INFO)
+    resolved: list[Settings] = []
+
+    def settings() -> Settings:
+        # Resolved on first use, so `--help` and `users --help` need no configuration.
+        if not resolved:
+            resolved.append(resolve_settings(flags))
+        return resolved[0]
+
+    ctx.obj = {"settings": settings}
+
+
+# --- filing batches -------------------------------------------------------------------------
+
+
+@contextmanager
+def _signals() -> Iterator[tuple[threading.Event, Callable[[], ExitCode]]]:
+    """First SIGINT/SIGTERM: stop waiting, let in-flight requests finish. Second: exit now
+    (nothing is lost: the batch is durable)."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def code() -> ExitCode:
+        return (
+            ExitCode.TERMINATED
+            if received and received[0] == signal.SIGTERM
+            else (ExitCode.INTERRUPTED)
+        )
+
+    def handler(signum: int, _frame: Any) -> None:
+        if received:
+            sys.stderr.write("accessctl: error: second signal, exiting now\n")
+            os._exit(int(ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED))
+        received.append(signum)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop, code
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, code
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _file(
+    settings: Settings,
+    user_ids: list[str],
+    invalid: list[Any],
+    key: str | None,
+    *,
+    detach: bool,
+    as_json: bool,
+) -> None:
+    from accessctl.batches import BatchRequest, enqueue_detached, run_attached
+    from accessctl.render import print_json, print_summary
+
+    request = BatchRequest(user_ids=user_ids, invalid=invalid, key=key)
+    if detach:
+        from accessctl.runtime import database
+
+        with database(settings) as engine:
+            batch_id = enqueue_detached(settings, engine, request)
+        if as_json:
+            print_json({"batch_id": batch_id, "key": key, "total": len(user_ids) + len(invalid)})
+        else:
+            typer.echo(batch_id)
+        return
+
+    import structlog
+
+    from accessctl.progress import ProgressReporter
+    from accessctl.runtime import executing_runtime
+
+    structlog.contextvars.bind_contextvars(batch_id=request.batch_id)
+    try:
+        with _signals() as (stop, reason), executing_runtime(settings) as runtime:
+            with ProgressReporter(settings.rate_limit) as reporter:
+                summary = run_attached(
+                    request,
+                    poll_interval=runtime.settings.poll_interval,
+                    stop=stop,
+                    stop_reason=reason,
+                    on_progress=reporter.update,
+                )
+    finally:
+        structlog.contextvars.unbind_contextvars("batch_id")
+    structlog.get_logger("accessctl").info("batch finished", **summary)
+    if as_json:
+        print_json(summary)
+    else:
+        print_summary(summary)
+    if summary["failed"]:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="Idempotency key naming the batch (e.g. nightly-2026-11-28): the same key "
+        "files one batch, however often or concurrently it runs.",
+    ),
+]
+DetachOption = Annotated[
+    bool, typer.Option("--detach", help="Enqueue and exit, printing the batch ID.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+FileOption = Annotated[
+    str | None,
+    typer.Option("--file", "-f", help="Read user IDs from PATH, one per line ('-': stdin)."),
+]
+SkipInvalidOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid",
+        help="File the valid IDs and record each malformed one in `errors` (else: exit 2).",
+    ),
+]
+
+
+@app.command(epilog="Example: accessctl submit 3f0c...-... --key nightly-2026-11-28")
+@handles_errors
+def submit(
+    ctx: typer.Context,
+    user_ids: Annotated[
+        list[str] | None,
+        typer.Argument(help="User IDs (UUIDs); '-' reads stdin. Default: the configured IDs."),
+    ] = None,
+    file: FileOption = None,
+    key: KeyOption = None,
+    skip_invalid: SkipInvalidOption = False,
+    detach: DetachOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """File one batch: an access request for each given user.
+
+    With no IDs, files the configured default IDs (ACCESSCTL_DEFAULT_USERS).
+    """
+    from accessctl.inputs import collect_user_ids, parse_key
+
+    settings = _settings(ctx)
+    key = parse_key(key)
+    args = list(user_ids or [])
+    if not args and file is None:
+        args = list(settings.default_users)
+    parsed = collect_user_ids(args, file, sys.stdin, skip_invalid=skip_invalid)
+    if not parsed.user_ids and not parsed.invalid:
+        raise UsageError("no user IDs given (arguments, --file or stdin were empty)")
+    if len(parsed.user_ids) > settings.max_batch:
+        raise UsageError(
+            f"{len(parsed.user_ids)} requests exceed the maximum batch of {settings.max_batch} "
+            "(ACCESSCTL_MAX_BATCH)"
+        )
+    _file(settings, parsed.user_ids, parsed.invalid, key, detach=detach, as_json=as_json)
+
+
+@app.command(epilog="Example: accessctl batch 40 --user 3f0c...-... --json")
+@handles_errors
+def batch(
+    ctx: typer.Context,
+    count: Annotated[str, typer.Argument(metavar="N", help="Number of requests to file.")],
+    users: Annotated[
+        list[str] | None,
+        typer.Option("--user", "-u", help="User ID to cycle over (repeatable)."),
+    ] = None,
+    file: FileOption = None,
+    key: KeyOption = None,
+    detach: DetachOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """File one batch of N requests, cycling over the default IDs (or --user / --file)."""
+    from accessctl.inputs import collect_user_ids, parse_count, parse_key
+
+    settings = _settings(ctx)
+    n = parse_count(count, settings.max_batch)
+    key = parse_key(key)
+    args = list(users or [])
+    if not args and file is None:
+        args = list(settings.default_users)
+    parsed = collect_user_ids(args, file, sys.stdin, skip_invalid=False)
+    if not parsed.user_ids:
+        raise UsageError("no user IDs to cycle over")
+    cycled = [parsed.user_ids[i % len(parsed.user_ids)] for i in range(n)]
+    _file(settings, cycled, [], key, detach=detach, as_json=as_json)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: accessctl errors --since 2h --json | jq '.[].message.user_id'")
+@handles_errors
+def errors(
+    ctx: typer.Context,
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch ID.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only newer than a duration (30m, 2h, 7d) or ISO time.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Recorded failures, newest first."""
+    from accessctl.queries import list_errors
+    from accessctl.render import print_errors, print_json
+    from accessctl.runtime import database
+
+    settings = _settings(ctx)
+    with database(settings) as engine:
+        rows = list_errors(engine, batch=batch, since=since, limit=limit)
+    if as_json:
+        print_json(rows)
+    else:
+        print_errors(rows)
+
+
+@app.command(epilog="Example: accessctl status --json")
+@handles_errors
+def status(
+    ctx: typer.Context,
+    batch_id: Annotated[
+        str | None, typer.Argument(help="Batch ID (default: the newest batch).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Progress and outcome of a batch, readable from any process while it runs."""
+    from accessctl.queries import batch_status
+    from accessctl.render import print_json, print_mapping
+    from accessctl.runtime import database
+
+    settings = _settings(ctx)
+    with database(settings) as engine:
+        result = batch_status(settings, engine, batch_id)
+    if as_json:
+        print_json(result)
+    else:
+        print_mapping(f"batch {result['batch_id']}", result)
+
+
+@app.command(epilog="Example: ACCESSCTL_DATABASE_URL=postgresql+psycopg://... accessctl config")
+@handles_errors
+def config(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Show the resolved configuration (passwords hidden) and where each value came from."""
+    from accessctl.render import print_json, print_mapping
+
+    view = _settings(ctx).public_view()
+    if as_json:
+        print_json(view)
+    else:
+        sources = view.pop("sources")
+        print_mapping(
+            "configuration", {k: f"{v}  ({sources.get(k, 'default')})" for k, v in view.items()}
+        )
+
+
+# --- operating ------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: accessctl migrate")
+@handles_errors
+def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Bring the application schema and DBOS's system schema to head. Idempotent, and safe
+    to run concurrently."""
+    from accessctl.render import print_json
+    from accessctl.runtime import open_engine
+    from accessctl.schema import migrate as run_migrations
+
+    settings = _settings(ctx)
+    engine = open_engine(settings)
+    try:
+        head = run_migrations(engine)
+    finally:
+        engine.dispose()
+    if as_json:
+        print_json({"revision": head})
+    else:
+        typer.echo(f"schema at head (revision {head})")
+
+
+@app.command(epilog="Example: accessctl worker --burst   # from cron: drain, then exit")
+@handles_errors
+def worker(
+    ctx: typer.Context,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit once the queue is empty (for cron).")
+    ] = False,
+) -> None:
+    """Drain the queue until stopped: the scale-out unit. Any number of workers on any
+    number of hosts share one Postgres and one global rate limit."""
+    import structlog
+
+    from accessctl.errors import Interrupted
+    from accessctl.runtime import executing_runtime
+    from accessctl.worker import run_worker
+
+    settings = _settings(ctx)
+    with _signals() as (stop, reason), executing_runtime(settings) as runtime:
+        structlog.get_logger("accessctl").info("worker started", executor=runtime.executor_id)
+        run_worker(runtime, stop, burst=burst)
+    if stop.is_set():
+        raise Interrupted("worker stopped; queued work stays for other workers", reason())
+
+
+# --- users ----------------------------------------------------------------------------------
+
+
+@users_app.command(
+    "add", epilog="Example: accessctl users add --name 'Ada' --email ada@example.com"
+)
+@handles_errors
+def users_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="Display name.")],
+    email: Annotated[str, typer.Option(help="Email address (unique).")],
+    user_id: Annotated[str | None, typer.Option("--id", help="Use this UUID.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add one user and print its ID."""
+    from accessctl.render import print_json
+    from accessctl.runtime import database
+    from accessctl.users import add_user
+
+    with database(_settings(ctx)) as engine:
+        new_id = add_user(engine, name, email, user_id)
+    if as_json:
+        print_json({"id": new_id})
+    else:
+        typer.echo(new_id)
+
+
+@users_app.command("import", epilog="Example: accessctl users import people.csv")
+@handles_errors
+def users_import(
+    ctx: typer.Context,
+    path: Annotated[
+        str, typer.Argument(metavar="FILE", help="CSV (name,email[,id]) or JSON lines; '-': stdin.")
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Import users from CSV or JSON lines; existing emails are skipped. All or nothing."""
+    from accessctl.inputs import read_lines
+    from accessctl.render import print_json
+    from accessctl.runtime import database
+    from accessctl.users import import_users
+
+    text = "\n".join(line for _, line in read_lines(path, sys.stdin))
+    with database(_settings(ctx)) as engine:
+        added, skipped = import_users(engine, text)
+    if as_json:
+        print_json({"added": added, "skipped": skipped})
+    else:
+        typer.echo(f"added {added}, skipped {skipped} existing")
+
+
+@users_app.command("list", epilog="Example: accessctl users list --json")
+@handles_errors
+def users_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """List users, newest first."""
+    from accessctl.queries import list_users
+    from accessctl.render import print_json, print_users
+    from accessctl.runtime import database
+
+    with database(_settings(ctx)) as engine:
+        rows = list_users(engine, limit=limit)
+    if as_json:
+        print_json(rows)
+    else:
+        print_users(rows)
+
+
+def main() -> None:
+    """The ``accessctl`` entry point."""
+    app()

@@ -1,0 +1,196 @@
+"""Database URLs and engines: validation, connection checks, and SQLite made exact.
+
+One URL serves both the application tables and DBOS's system tables. This module builds
+every engine the program uses, so the SQLite fixes below apply to DBOS's queries too.
+
+Why SQLite engines are special here (see docs/rate-limit.md and ../shared/DBOS-NOTES.md):
+
+* DBOS stamps queue starts with ``strftime('%s','now')`` on Python < 3.12 (whole seconds,
+  so its limiter over-admits) and with ``unixepoch('subsec')`` on 3.12+ (which SQLite before
+  3.42 does not know: it yields NULL and DBOS cannot launch). We register both functions on
+  every connection with millisecond precision, which SQLite lets an application-defined
+  function do over a built-in of the same name and arity.
+* pysqlite opens a transaction only at the first write, so DBOS's "count recent starts"
+  read runs outside the transaction that claims the work: two processes could both count
+  49 and both start. ``runtime.serialize_sqlite_claims`` makes that one claim transaction
+  ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour, because taking
+  the write lock for reads would deadlock a datasource transaction against DBOS's own
+  ownership check on another connection.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from accessctl.errors import ConfigError, DatabaseUnreachable
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+SQLITE_DRIVERS = ("sqlite", "sqlite+pysqlite")
+POSTGRES_DRIVERS = ("postgresql", "postgresql+psycopg", "postgres")
+
+
+def _make_url(url: str) -> sa.URL:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        # The text may hold a password: name the problem, not the URL.
+        raise ConfigError(
+            "database URL is malformed; expected sqlite:///PATH or "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
+        ) from None
+
+
+def hide_password(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe for logs and output."""
+    try:
+        return _make_url(url).render_as_string(hide_password=True)
+    except ConfigError:
+        return "<malformed URL>"
+
+
+def normalize_url(url: str) -> str:
+    """Spell Postgres URLs with the psycopg 3 driver, the one driver we ship."""
+    parsed = _make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def validate_database_url(url: str) -> None:
+    """Refuse a URL we cannot use, before anything connects."""
+    if not url:
+        raise ConfigError("database URL is empty")
+    parsed = _make_url(url)
+    if parsed.drivername in SQLITE_DRIVERS:
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigError(
+                "a SQLite database URL needs a file path (sqlite:///PATH); "
+                "an in-memory database cannot be shared between runs"
+            )
+        return
+    if parsed.drivername not in POSTGRES_DRIVERS:
+        raise ConfigError(
+            f"unsupported database driver {parsed.drivername!r} in {hide_password(url)}; "
+            "use sqlite:///PATH or postgresql+psycopg://..."
+        )
+    if not parsed.database:
+        raise ConfigError(f"database URL {hide_password(url)} names no database")
+
+
+def is_sqlite_url(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def sqlite_path(url: str) -> Path:
+    database = _make_url(url).database
+    assert database is not None
+    return Path(database).expanduser()
+
+
+# --- SQLite clock functions ---------------------------------------------------------------
+
+_pristine_lock = threading.Lock()
+_pristine: sqlite3.Connection | None = None
+
+
+def _builtin(sql: str, *args: Any) -> Any:
+    """Evaluate a built-in SQLite function on a connection that has no overrides."""
+    global _pristine
+    with _pristine_lock:
+        if _pristine is None:
+            _pristine = sqlite3.connect(":memory:", check_same_thread=False)
+        return _pristine.execute(sql, args).fetchone()[0]
+
+
+def _strftime(fmt: Any, value: Any) -> Any:
+    # DBOS's millisecond clock on Python < 3.12 is strftime('%s','now') * 1000.
+    if fmt == "%s" and value == "now":
+        return f"{time.time():.3f}"
+    return _builtin("SELECT strftime(?, ?)", fmt, value)
+
+
+def _unixepoch(value: Any) -> Any:
+    # DBOS's millisecond clock on Python >= 3.12 is unixepoch('subsec') * 1000.
+    if value in ("subsec", "subsecond"):
+        return round(time.time(), 3)
+    return _builtin("SELECT unixepoch(?)", value)
+
+
+def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # As DBOS's own SQLite engines: writers take the lock at their first write.
+    dbapi_conn.isolation_level = "IMMEDIATE"
+    dbapi_conn.execute("PRAGMA busy_timeout=30000")
+    dbapi_conn.execute("PRAGMA foreign_keys=ON")
+    # WAL lets readers (status, errors) run while a batch writes.
+    dbapi_conn.execute("PRAGMA journal_mode=WAL")
+    dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+    dbapi_conn.create_function("strftime", 2, _strftime)
+    dbapi_conn.create_function("unixepoch", 1, _unixepoch)
+
+
+def make_engine(url: str, *, connect_timeout: float = 5.0, create_dir: bool = False) -> sa.Engine:
+    """An engine for ``url``: exact clocks and WAL on SQLite, a
+    bounded connect timeout and liveness checks on Postgres."""
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    validate_database_url(url)
+    url = normalize_url(url)
+    if is_sqlite_url(url):
+        path = sqlite_path(url)
+        if create_dir:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            raise ConfigError(f"SQLite directory {path.parent} does not exist (from {url})")
+        engine = sa.create_engine(url, pool_size=20, max_overflow=20, pool_timeout=60)
+        event.listen(engine, "connect", _on_sqlite_connect)
+        return engine
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        connect_args={
+            "connect_timeout": max(1, math.ceil(connect_timeout)),
+            "application_name": "accessctl",
+        },
+    )
+
+
+def check_connection(engine: sa.Engine) -> None:
+    """Connect once, so an unreachable database is one clear error, not a traceback."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except DBAPIError as exc:
+        raise DatabaseUnreachable(
+            f"cannot connect to {shown}: {describe_db_error(exc, engine.url.password)}"
+        ) from None
+
+
+def describe_db_error(exc: BaseException, password: str | None = None) -> str:
+    """The driver's first line of explanation, with any password scrubbed out."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None)

@@ -1,0 +1,102 @@
+"""The application tables (SQLAlchemy 2). Alembic's migrations in ``migrations/`` build them.
+
+``users``, ``accesses`` and ``errors`` come from the seed; ``batches`` records each filed
+batch so that ``status`` and ``batches`` can answer without DBOS. Every column a query
+filters or sorts on is indexed.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    from datetime import UTC
+
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# JSONB on Postgres (indexable, compact), JSON text elsewhere.
+JSONDocument = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class AccessStatus(enum.StrEnum):
+    REQUESTED = "requested"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    CANCELED = "canceled"
+
+
+access_status = sa.Enum(
+    AccessStatus,
+    name="access_status",
+    values_callable=lambda e: [m.value for m in e],
+    validate_strings=True,
+)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    email: Mapped[str] = mapped_column(sa.String(320), unique=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
+    key: Mapped[str | None] = mapped_column(sa.String(200), unique=True)
+    total: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
+class Access(Base):
+    __tablename__ = "accesses"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    status: Mapped[AccessStatus] = mapped_column(
+        access_status, default=AccessStatus.REQUESTED, index=True
+    )
+    # The durable request (DBOS workflow) that filed this row: unique, so a request
+    # can never be written twice, whatever replays.
+    request_id: Mapped[str | None] = mapped_column(sa.String(120), unique=True)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid, index=True)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class Error(Base):
+    __tablename__ = "errors"
+    __table_args__ = (sa.Index("ix_errors_batch_id_created_at", "batch_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    # Structured: batch_id, workflow_id, user_id, error_class, detail, sqlstate.
+    message: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    # Copies of message fields that queries filter on, so they can be indexed and unique.
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
+    request_id: Mapped[str | None] = mapped_column(sa.String(120), unique=True)
+    created_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), default=utcnow, index=True
+    )

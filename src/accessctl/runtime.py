@@ -1,0 +1,189 @@
+"""DBOS's lifecycle in one place: build, launch, bind the workflows, and shut down.
+
+``executing_runtime`` is the only way the program starts DBOS. It checks the database and
+schema first (exit 3 / 4 before anything runs), takes the executor lease, launches DBOS with
+the pinned application version, registers the queue with the configured limits, adopts
+dead executors' work, and on exit waits (bounded) for in-flight requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from accessctl.db import check_connection, hide_password, make_engine, normalize_url
+from accessctl.errors import ConfigError, DatabaseUnreachable, SchemaNotMigrated
+from accessctl.settings import APP_NAME, Settings
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from dbos import Queue
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: sa.Engine
+    executor_id: str
+    queue: Queue
+
+
+def open_engine(settings: Settings) -> sa.Engine:
+    """An engine on the configured database, checked to be reachable (exit 3 if not)."""
+    engine = make_engine(
+        settings.database_url,
+        connect_timeout=settings.connect_timeout,
+        create_dir=settings.database_url_source == "default",
+    )
+    check_connection(engine)
+    return engine
+
+
+@contextlib.contextmanager
+def database(settings: Settings, *, auto_create: bool | None = None) -> Iterator[sa.Engine]:
+    """An engine whose schema is at head, for commands that do not execute workflows."""
+    from accessctl.schema import ensure_schema
+
+    engine = open_engine(settings)
+    try:
+        ensure_schema(
+            engine, auto_create=settings.is_sqlite if auto_create is None else auto_create
+        )
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def serialize_sqlite_claims() -> None:
+    """Make DBOS's queue-claim transaction ``BEGIN IMMEDIATE`` on SQLite.
+
+    DBOS counts the limiter's recent starts and then claims work in what it means to be one
+    transaction, but pysqlite only begins a transaction at the first write, so on SQLite the
+    count ran unlocked and two processes could both admit the last slot. ``_begin`` is the
+    hook DBOS 3.4 uses for exactly that claim (and nothing else): taking the write lock
+    there serializes claims across processes. Pinned to dbos 3.4; tests/test_rate_limit.py
+    proves the limit across processes.
+    """
+    from dbos._sys_db_sqlite import SQLiteSystemDatabase
+
+    @contextlib.contextmanager
+    def _begin_immediate(self: Any, isolation: str | None) -> Iterator[Any]:
+        with self.engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
+
+    SQLiteSystemDatabase._begin = _begin_immediate  # type: ignore[method-assign]
+
+
+def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dict[str, Any]:
+    from accessctl.workflows import WORKFLOW_VERSION
+
+    url = normalize_url(settings.database_url)
+    config: dict[str, Any] = {
+        "name": APP_NAME,
+        "system_database_url": url,
+        "application_version": WORKFLOW_VERSION,
+        "executor_id": executor_id,
+        # `accessctl migrate` (or the embedded first run) owns the schema.
+        "run_migrations": False,
+        "notification_listener_polling_interval_sec": settings.poll_interval,
+        "max_executor_threads": max(64, settings.concurrency * 4),
+    }
+    if settings.is_sqlite:
+        # Our engine carries the exact millisecond clock (see db.py).
+        config["system_database_engine"] = engine
+    else:
+        config["db_engine_kwargs"] = {
+            "pool_pre_ping": True,
+            "pool_size": 20,
+            "max_overflow": 10,
+            "connect_args": {"connect_timeout": max(1, int(settings.connect_timeout))},
+        }
+    return config
+
+
+@contextlib.contextmanager
+def executing_runtime(settings: Settings) -> Iterator[Runtime]:
+    """Launch DBOS in this process as an executor of the access-request queue."""
+    from dbos import DBOS, SQLAlchemyDatasource
+    from dbos._error import DBOSInitializationError
+
+    from accessctl import workflows
+    from accessctl.lease import Adopter, make_lease, new_executor_id
+    from accessctl.schema import ensure_schema
+
+    engine = open_engine(settings)
+    lease = None
+    adopter = None
+    launched = False
+    try:
+        ensure_schema(engine, auto_create=settings.is_sqlite)
+        executor_id = new_executor_id()
+        lease = make_lease(engine, executor_id)
+        lease.acquire()
+        if settings.is_sqlite:
+            serialize_sqlite_claims()
+        datasource = SQLAlchemyDatasource.create(
+            normalize_url(settings.database_url), engine=engine, run_migrations=False
+        )
+        DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
+        try:
+            DBOS.launch()
+        except DBOSInitializationError as exc:
+            raise SchemaNotMigrated(
+                f"DBOS system schema in {hide_password(settings.database_url)} is not ready "
+                f"({str(exc).splitlines()[0][:200]}); run `accessctl migrate`"
+            ) from None
+        launched = True
+        limiter = (
+            {"limit": settings.rate_limit.limit, "period": settings.rate_limit.period}
+            if settings.rate_limit
+            else None
+        )
+        queue = DBOS.register_queue(
+            workflows.QUEUE_NAME,
+            limiter=limiter,  # type: ignore[arg-type]
+            global_concurrency=settings.concurrency,
+            worker_concurrency=settings.concurrency,
+            polling_interval_sec=settings.poll_interval,
+            on_conflict="always_update",
+        )
+        DBOS.register_queue(
+            workflows.BATCH_QUEUE_NAME,
+            polling_interval_sec=settings.poll_interval,
+            on_conflict="always_update",
+        )
+        workflows.bind(datasource, queue, settings.poll_interval)
+        adopter = Adopter(lease, workflows.WORKFLOW_VERSION)
+        adopter.start()
+        log.debug("runtime up", executor=executor_id, rate_limit=str(settings.rate_limit))
+        yield Runtime(settings, engine, executor_id, queue)
+    finally:
+        if adopter is not None:
+            adopter.stop()
+        if launched:
+            # In-flight requests finish (bounded); the rest stays queued for the next run.
+            DBOS.destroy(workflow_completion_timeout_sec=int(max(1, settings.shutdown_grace)))
+        else:
+            with contextlib.suppress(Exception):
+                DBOS.destroy()
+        workflows.unbind()
+        if lease is not None:
+            lease.release()
+        engine.dispose()
+
+
+def map_runtime_error(exc: BaseException, settings: Settings) -> Exception:
+    """Turn a driver error met while running into the operator-facing error type."""
+    from accessctl.db import describe_db_error
+
+    url = hide_password(settings.database_url)
+    if isinstance(exc, (ConfigError, DatabaseUnreachable, SchemaNotMigrated)):
+        return exc
+    return DatabaseUnreachable(f"database {url} failed: {describe_db_error(exc)}")

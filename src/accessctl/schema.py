@@ -1,0 +1,137 @@
+"""Schema management: Alembic for the application tables, DBOS's own migrations for its
+system tables, both under one lock so that concurrent ``accessctl migrate`` runs are safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from accessctl.db import describe_db_error, hide_password, is_sqlite_url, normalize_url
+from accessctl.errors import DatabaseUnreachable, SchemaNotMigrated
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from alembic.config import Config
+
+log = structlog.get_logger(__name__)
+
+# Any constant that no other application uses as an advisory lock key on the same database.
+MIGRATION_LOCK_KEY = 0x616363657373  # "access"
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside the installed package (a wheel), or at the
+    top of a source checkout."""
+    packaged = Path(__file__).parent / "migrations"
+    if (packaged / "env.py").is_file():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "migrations"
+    if (checkout / "env.py").is_file():
+        return checkout
+    raise RuntimeError("accessctl's Alembic migrations are missing from this installation")
+
+
+def _alembic_config(connection: sa.Connection | None = None) -> Config:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def check_schema(engine: sa.Engine) -> None:
+    """Raise SchemaNotMigrated unless the application schema is at head."""
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return
+    state = "not migrated" if current is None else f"at revision {current}, expected {head}"
+    raise SchemaNotMigrated(
+        f"database {engine.url.render_as_string(hide_password=True)} "
+        f"schema is {state}; run `accessctl migrate`"
+    )
+
+
+def is_blank_database(engine: sa.Engine) -> bool:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return not sa.inspect(conn).get_table_names()
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: sa.Engine) -> Iterator[None]:
+    """Serialize migrators: a Postgres advisory lock, or SQLite's write lock."""
+    import sqlalchemy as sa
+
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                conn.commit()
+    else:
+        yield
+
+
+def migrate(engine: sa.Engine) -> str:
+    """Bring the application schema and DBOS's system schema to head. Idempotent.
+
+    Returns the application schema's head revision."""
+    from alembic import command
+    from dbos import DBOS, SQLAlchemyDatasource
+    from sqlalchemy.exc import DBAPIError
+
+    url = normalize_url(engine.url.render_as_string(hide_password=False))
+    try:
+        with _migration_lock(engine):
+            with engine.begin() as conn:
+                if is_sqlite_url(url):
+                    # pysqlite does not begin a transaction for DDL: take the write lock
+                    # now, so a concurrent migrator waits instead of racing.
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                command.upgrade(_alembic_config(conn), "head")
+            DBOS.migrate(url)
+            SQLAlchemyDatasource.migrate(url)
+    except DBAPIError as exc:
+        raise DatabaseUnreachable(
+            f"migration of {hide_password(url)} failed: "
+            f"{describe_db_error(exc, engine.url.password)}"
+        ) from None
+    head = head_revision()
+    log.info("schema at head", revision=head, database=hide_password(url))
+    return head
+
+
+def ensure_schema(engine: sa.Engine, *, auto_create: bool) -> None:
+    """Check the schema before a command touches it. A blank embedded SQLite database is
+    created on first use; anything else unmigrated or outdated stops with exit 4."""
+    if auto_create and engine.dialect.name == "sqlite" and is_blank_database(engine):
+        log.info("creating the embedded database schema")
+        migrate(engine)
+        return
+    check_schema(engine)

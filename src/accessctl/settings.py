@@ -1,0 +1,253 @@
+"""Configuration: every setting resolved in one place, in one documented order.
+
+Nothing here runs at import time; ``resolve_settings`` reads the environment and the
+config file only when a command asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from accessctl.errors import ConfigError
+
+APP_NAME = "accessctl"
+CONFIG_FILE_NAME = "dbos-config.yaml"
+
+# The seed's demo users: filed when `submit` is given no IDs.
+SEED_USER_IDS: tuple[str, ...] = tuple(f"00000000-0000-0000-0000-00000000000{i}" for i in range(4))
+
+LogFormat = Literal["json", "console"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` request starts in any rolling window of ``period`` seconds."""
+
+    limit: int
+    period: float
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.period:g}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    database_url_source: str
+    rate_limit: RateLimit | None = RateLimit(50, 30.0)
+    concurrency: int = 10
+    default_users: tuple[str, ...] = SEED_USER_IDS
+    log_format: LogFormat | None = None  # None: JSON unless stderr is a terminal
+    connect_timeout: float = 5.0
+    max_batch: int = 1_000_000
+    shutdown_grace: float = 10.0
+    poll_interval: float = 0.1
+    config_file: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def public_view(self) -> dict[str, Any]:
+        """The resolved values as an operator may see them: passwords hidden."""
+        from accessctl.db import hide_password
+
+        return {
+            "database_url": hide_password(self.database_url),
+            "rate_limit": str(self.rate_limit) if self.rate_limit else "none",
+            "concurrency": self.concurrency,
+            "default_users": list(self.default_users),
+            "log_format": self.log_format or "auto",
+            "connect_timeout": self.connect_timeout,
+            "max_batch": self.max_batch,
+            "shutdown_grace": self.shutdown_grace,
+            "poll_interval": self.poll_interval,
+            "config_file": str(self.config_file) if self.config_file else None,
+            "sources": dict(self.sources),
+        }
+
+
+def default_database_url(env: Mapping[str, str]) -> str:
+    """The embedded default: a SQLite file at a stable per-user place, never the cwd."""
+    data_home = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "~")) / ".local" / "share")
+    path = Path(data_home).expanduser() / APP_NAME / f"{APP_NAME}.sqlite"
+    return f"sqlite:///{path}"
+
+
+def parse_rate_limit(text: str, origin: str) -> RateLimit | None:
+    """``"50/30"`` is 50 starts per 30 s; ``"none"`` lifts the limit."""
+    value = text.strip().lower()
+    if value in ("none", "off", "unlimited"):
+        return None
+    match = re.fullmatch(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)", value)
+    if not match:
+        raise ConfigError(
+            f"{origin}: rate limit {text!r} is not LIMIT/SECONDS (e.g. 50/30) or none"
+        )
+    limit, period = int(match.group(1)), float(match.group(2))
+    if limit < 1 or period <= 0:
+        raise ConfigError(f"{origin}: rate limit {text!r} needs a limit >= 1 and a period > 0")
+    return RateLimit(limit, period)
+
+
+def _parse_positive(text: str, origin: str, kind: type[int] | type[float]) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{origin}: {text!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{origin}: {text!r} must be greater than 0")
+    return value
+
+
+def parse_user_list(text: str, origin: str) -> tuple[str, ...]:
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    for user_id in ids:
+        try:
+            uuid.UUID(user_id)
+        except ValueError:
+            raise ConfigError(f"{origin}: {user_id!r} is not a UUID") from None
+    return ids
+
+
+def _load_config_file(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Read dbos-config.yaml as the ``dbos`` CLI does, ``${VAR}`` substitution included."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    text = re.sub(r"\$\{([^}]+)\}", lambda m: env.get(m.group(1), ""), text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    url = data.get("system_database_url")
+    if url is not None and not isinstance(url, str):
+        raise ConfigError(f"{path}: key 'system_database_url' must be a string")
+    extra = data.get("env")
+    if extra is not None and (
+        not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra)
+    ):
+        raise ConfigError(f"{path}: key 'env' must map variable names to values")
+    return data
+
+
+def resolve_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Resolve every setting. First match wins, in this order:
+
+    1. command-line flags (``flags``: ``database_url``, ``rate_limit``, ``concurrency``,
+       ``log_format``, ``config_file``);
+    2. the environment: ``ACCESSCTL_*`` variables, then DBOS's ``DBOS_SYSTEM_DATABASE_URL``;
+    3. ``dbos-config.yaml`` (``--config``, ``ACCESSCTL_CONFIG``, else ``./dbos-config.yaml``):
+       ``system_database_url`` for the database, and its ``env:`` section for ``ACCESSCTL_*``
+       keys -- the same file the ``dbos`` CLI reads, so ``dbos workflow list`` sees the same
+       database;
+    4. built-in defaults; the database defaults to an embedded SQLite file at
+       ``$XDG_DATA_HOME/accessctl/accessctl.sqlite`` (``~/.local/share/...`` when unset).
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else cwd
+
+    config_path: Path | None = None
+    if "config_file" in flags:
+        config_path = Path(flags["config_file"])
+    elif env.get("ACCESSCTL_CONFIG"):
+        config_path = Path(env["ACCESSCTL_CONFIG"])
+    elif (cwd / CONFIG_FILE_NAME).is_file():
+        config_path = cwd / CONFIG_FILE_NAME
+    file_data = _load_config_file(config_path, env) if config_path else {}
+    file_env = {str(k): str(v) for k, v in (file_data.get("env") or {}).items() if v is not None}
+    file_origin = str(config_path)
+
+    sources: dict[str, str] = {}
+
+    def lookup(flag: str, var: str) -> tuple[Any, str] | None:
+        if flag in flags:
+            return flags[flag], f"--{flag.replace('_', '-')}"
+        if env.get(var, "").strip():
+            return env[var], var
+        if file_env.get(var, "").strip():
+            return file_env[var], f"{file_origin} env.{var}"
+        return None
+
+    # The database URL: one URL serves the application tables and DBOS.
+    url_found = lookup("database_url", "ACCESSCTL_DATABASE_URL")
+    if url_found is None and env.get("DBOS_SYSTEM_DATABASE_URL", "").strip():
+        url_found = (env["DBOS_SYSTEM_DATABASE_URL"], "DBOS_SYSTEM_DATABASE_URL")
+    if url_found is None and (file_data.get("system_database_url") or "").strip():
+        url_found = (file_data["system_database_url"], f"{file_origin} system_database_url")
+    if url_found is None:
+        url_found = (default_database_url(env), "default")
+    database_url, sources["database_url"] = str(url_found[0]).strip(), url_found[1]
+
+    values: dict[str, Any] = {}
+    parsers: dict[str, tuple[str, Any]] = {
+        "rate_limit": ("ACCESSCTL_RATE_LIMIT", parse_rate_limit),
+        "concurrency": (
+            "ACCESSCTL_CONCURRENCY",
+            lambda t, o: _parse_positive(t, o, int),
+        ),
+        "default_users": ("ACCESSCTL_DEFAULT_USERS", parse_user_list),
+        "log_format": ("ACCESSCTL_LOG_FORMAT", _parse_log_format),
+        "connect_timeout": (
+            "ACCESSCTL_CONNECT_TIMEOUT",
+            lambda t, o: _parse_positive(t, o, float),
+        ),
+        "max_batch": ("ACCESSCTL_MAX_BATCH", lambda t, o: _parse_positive(t, o, int)),
+        "shutdown_grace": (
+            "ACCESSCTL_SHUTDOWN_GRACE",
+            lambda t, o: _parse_positive(t, o, float),
+        ),
+        "poll_interval": (
+            "ACCESSCTL_POLL_INTERVAL",
+            lambda t, o: _parse_positive(t, o, float),
+        ),
+    }
+    for name, (var, parse) in parsers.items():
+        found = lookup(name, var)
+        if found is None:
+            sources[name] = "default"
+            continue
+        raw, origin = found
+        values[name] = parse(str(raw), origin)
+        sources[name] = origin
+
+    from accessctl.db import validate_database_url
+
+    validate_database_url(database_url)
+    return Settings(
+        database_url=database_url,
+        database_url_source=sources["database_url"],
+        config_file=config_path,
+        sources=sources,
+        **values,
+    )
+
+
+def _parse_log_format(text: str, origin: str) -> LogFormat:
+    value = text.strip().lower()
+    if value == "json":
+        return "json"
+    if value == "console":
+        return "console"
+    raise ConfigError(f"{origin}: log format {text!r} is not 'json' or 'console'")

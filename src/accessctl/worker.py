@@ -1,0 +1,49 @@
+"""``accessctl worker``: drain the queues until stopped, or until empty with ``--burst``."""
+
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+
+from accessctl.runtime import Runtime
+from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
+
+
+def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
+    """Queued work anyone may take, plus work this executor is running."""
+    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    stmt = sa.text(
+        f"SELECT count(*) FROM {table} WHERE application_version = :v AND ("
+        "(status = 'ENQUEUED' AND queue_name IN (:q1, :q2)) "
+        "OR (status = 'PENDING' AND executor_id = :me))"
+    )
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                stmt,
+                {
+                    "v": WORKFLOW_VERSION,
+                    "q1": QUEUE_NAME,
+                    "q2": BATCH_QUEUE_NAME,
+                    "me": executor_id,
+                },
+            ).scalar()
+            or 0
+        )
+
+
+def run_worker(runtime: Runtime, stop: threading.Event, *, burst: bool) -> None:
+    """Block while DBOS's queue threads execute work; return on ``stop`` or, in burst
+    mode, once nothing is queued or running here (checked twice, to ride over the gap
+    between a parent enqueuing children and their first dequeue)."""
+    interval = max(runtime.settings.poll_interval * 5, 0.5)
+    idle_checks = 0
+    while not stop.wait(interval):
+        if not burst:
+            continue
+        idle_checks = (
+            idle_checks + 1 if outstanding_work(runtime.engine, runtime.executor_id) == 0 else 0
+        )
+        if idle_checks >= 2:
+            return
