@@ -129,10 +129,11 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         lease.acquire()
         if settings.is_sqlite:
             serialize_sqlite_claims()
+        DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
+        # After DBOS(): a datasource must be created between construction and launch.
         datasource = SQLAlchemyDatasource.create(
             normalize_url(settings.database_url), engine=engine, run_migrations=False
         )
-        DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
         try:
             DBOS.launch()
         except DBOSInitializationError as exc:

@@ -1,0 +1,182 @@
+"""Shared fixtures: every workflow test runs on SQLite and, when a Postgres URL is given
+(ACCESSCTL_TEST_POSTGRES_URL, a server URL whose role may create databases), on Postgres
+too, each test in a database of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner, Result
+
+from accessctl.cli import app
+
+POSTGRES_URL = os.environ.get("ACCESSCTL_TEST_POSTGRES_URL", "").strip()
+# A limiter fast enough for tests, slow enough to be visible: 5 starts per 0.5 s.
+FAST_LIMIT = "5/0.5"
+SEED = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(4)]
+ACCESSCTL_BIN = str(Path(sys.executable).parent / "accessctl")
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """No test sees the developer's configuration, database or working directory."""
+    for name in list(os.environ):
+        if name.startswith(("ACCESSCTL_", "DBOS_")) and name != "ACCESSCTL_TEST_POSTGRES_URL":
+            monkeypatch.delenv(name)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    return home
+
+
+def create_postgres_database(base_url: str = POSTGRES_URL) -> tuple[str, str]:
+    """A fresh database on the test server: (name, URL)."""
+    name = f"accessctl_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = sa.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+    return name, url
+
+
+def drop_postgres_database(name: str, base_url: str = POSTGRES_URL) -> None:
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgres",
+        marks=pytest.mark.skipif(not POSTGRES_URL, reason="ACCESSCTL_TEST_POSTGRES_URL not set"),
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'accessctl.sqlite'}"
+        return
+    name, url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(name)
+
+
+@dataclass
+class Cli:
+    """The real CLI, in-process (Typer's CliRunner), against one test database."""
+
+    database_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    runner: CliRunner = field(default_factory=CliRunner)
+
+    def base_env(self) -> dict[str, str]:
+        return {
+            "ACCESSCTL_DATABASE_URL": self.database_url,
+            "ACCESSCTL_RATE_LIMIT": FAST_LIMIT,
+            "ACCESSCTL_LOG_FORMAT": "json",
+            "ACCESSCTL_SHUTDOWN_GRACE": "3",
+            **self.env,
+        }
+
+    def __call__(self, *args: str, input: str | None = None, **env: str) -> Result:
+        return self.runner.invoke(
+            app, list(args), input=input, env={**self.base_env(), **env}, catch_exceptions=False
+        )
+
+    def json(self, *args: str, **env: str) -> Any:
+        result = self(*args, **env)
+        assert result.exit_code in (0, 1), result.output + result.stderr
+        return json.loads(result.stdout)
+
+    def run(
+        self, *args: str, timeout: float = 120, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """The installed ``accessctl`` in a subprocess."""
+        return subprocess.run(
+            [ACCESSCTL_BIN, *args],
+            env={**os.environ, **self.base_env(), **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [ACCESSCTL_BIN, *args],
+            env={**os.environ, **self.base_env(), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def engine(self) -> sa.Engine:
+        from accessctl.db import make_engine
+
+        return make_engine(self.database_url)
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        engine = self.engine()
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text(sql), params).scalar()
+        finally:
+            engine.dispose()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        engine = self.engine()
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(sa.text(sql), params))
+        finally:
+            engine.dispose()
+
+    @property
+    def workflow_table(self) -> str:
+        return "workflow_status" if self.database_url.startswith("sqlite") else "dbos.workflow_status"
+
+    def add_users(self, count: int) -> list[str]:
+        ids = [str(uuid.uuid4()) for _ in range(count)]
+        lines = ["name,email,id"] + [f"User {i},user{i}-{u[:8]}@example.com,{u}" for i, u in enumerate(ids)]
+        result = self("users", "import", "-", input="\n".join(lines) + "\n")
+        assert result.exit_code == 0, result.output + result.stderr
+        return ids
+
+
+@pytest.fixture
+def cli(database_url: str) -> Cli:
+    tool = Cli(database_url)
+    result = tool("migrate")
+    assert result.exit_code == 0, result.output + result.stderr
+    return tool
+
+
+@pytest.fixture
+def fresh_cli(database_url: str) -> Cli:
+    """The CLI against a database nobody has migrated."""
+    return Cli(database_url)
