@@ -14,11 +14,10 @@ from conftest import SEED, Cli
 def test_help_imports_no_database_driver_and_no_dbos() -> None:
     code = (
         "import sys\n"
-        "from accessctl.cli import main\n"
-        "for argv in (['accessctl', '--help'], ['accessctl', 'submit', '--help']):\n"
-        "    sys.argv = argv\n"
+        "from accessctl.cli import app\n"
+        "for argv in (['--help'], ['submit', '--help']):\n"
         "    try:\n"
-        "        main()\n"
+        "        app(argv, prog_name='accessctl')\n"
         "    except SystemExit:\n"
         "        pass\n"
         "heavy = [m for m in ('dbos', 'sqlalchemy', 'psycopg', 'sqlite3', 'alembic')"

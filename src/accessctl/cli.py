@@ -515,5 +515,18 @@ def users_list(
 
 
 def main() -> None:
-    """The ``accessctl`` entry point."""
-    app()
+    """The ``accessctl`` entry point.
+
+    Exits with ``os._exit`` once the command is done and its output flushed: DBOS's
+    executor threads may still be blocked in workflows this process picked up (another
+    run's batch, work cut short by a signal). Their state is durable and an executor whose
+    lease is gone gets its work adopted, so waiting for those threads would only hang."""
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,286 @@
+"""Real faults: kill -9, overlapping runs, signals, severed database connections, and the
+rate limit measured from the start times DBOS records."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import Cli
+
+LIMIT, PERIOD = 5, 0.5
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def terminal_outcomes(cli: Cli, batch_id: str) -> tuple[int, int, int]:
+    """(accesses, errors, distinct request IDs across both) for one batch."""
+    bid = batch_id.replace("-", "") if cli.database_url.startswith("sqlite") else batch_id
+    accesses = cli.scalar("SELECT count(*) FROM accesses WHERE batch_id = :b", b=bid)
+    errors = cli.scalar("SELECT count(*) FROM errors WHERE batch_id = :b", b=bid)
+    distinct = cli.scalar(
+        "SELECT count(*) FROM (SELECT request_id FROM accesses WHERE batch_id = :b "
+        "UNION SELECT request_id FROM errors WHERE batch_id = :b) AS t",
+        b=bid,
+    )
+    return int(accesses), int(errors), int(distinct)
+
+
+def max_starts_in_window(starts_ms: list[int], period: float) -> int:
+    """The most starts in any real window of ``period`` seconds."""
+    starts = sorted(starts_ms)
+    window = int(period * 1000)
+    return max(
+        (bisect.bisect_left(starts, s + window) - i for i, s in enumerate(starts)), default=0
+    )
+
+
+def request_starts(cli: Cli) -> list[int]:
+    rows = cli.rows(
+        f"SELECT started_at_epoch_ms FROM {cli.workflow_table} "
+        "WHERE queue_name = 'access-requests' AND started_at_epoch_ms IS NOT NULL"
+    )
+    return [int(r[0]) for r in rows]
+
+
+def request_count(cli: Cli) -> int:
+    return int(cli.scalar("SELECT count(*) FROM accesses") or 0) + int(
+        cli.scalar("SELECT count(*) FROM errors") or 0
+    )
+
+
+def user_args(users: list[str]) -> list[str]:
+    return [a for u in users for a in ("--user", u)]
+
+
+def test_rate_limit_holds_and_keeps_pace(cli: Cli) -> None:
+    users = cli.add_users(2)
+    n = 4 * LIMIT
+    started = time.monotonic()
+    summary = cli.json("batch", str(n), *user_args(users), "--json")
+    elapsed = time.monotonic() - started
+    assert summary["recorded"] == n
+    starts = request_starts(cli)
+    assert len(starts) == n
+    assert max_starts_in_window(starts, PERIOD) <= LIMIT
+    # The backlog's pace is set by the limiter: first start to last start is at least
+    # the bound (N/L - 1) * P.
+    span = (max(starts) - min(starts)) / 1000
+    assert span >= (n / LIMIT - 1) * PERIOD - 0.01
+    assert elapsed < 30
+
+
+def test_rate_limit_holds_across_overlapping_processes(cli: Cli) -> None:
+    users = cli.add_users(2)
+    runs = [cli.popen("batch", "12", *user_args(users), "--json") for _ in range(3)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    for run, (out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err
+        assert json.loads(out)["recorded"] == 12
+    starts = request_starts(cli)
+    assert len(starts) == 36
+    assert max_starts_in_window(starts, PERIOD) <= LIMIT
+
+
+@pytest.mark.parametrize("point", ["fan-out", "mid-batch", "after-last-commit"])
+def test_kill_9_then_rerun_loses_and_duplicates_nothing(cli: Cli, point: str) -> None:
+    users = cli.add_users(3)
+    unknown = "99999999-9999-9999-9999-999999999999"
+    n = 30
+    args = ["batch", str(n), *user_args([*users, unknown]), "--key", f"kill-{point}", "--json"]
+    proc = cli.popen(*args)
+    batch_rows = f"SELECT count(*) FROM {cli.workflow_table} WHERE workflow_uuid LIKE 'batch-%'"
+    if point == "fan-out":
+        wait_for(lambda: cli.scalar(batch_rows) == 1, what="the batch workflow")
+    elif point == "mid-batch":
+        wait_for(lambda: request_count(cli) >= n // 2, what="half the batch")
+    else:
+        wait_for(lambda: request_count(cli) >= n, what="the whole batch")
+    proc.kill()
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+
+    rerun = cli.run(*args)
+    assert rerun.returncode == 1, rerun.stderr  # the unknown user's requests failed
+    summary = json.loads(rerun.stdout)
+    assert summary["total"] == n
+    accesses, errors, distinct = terminal_outcomes(cli, summary["batch_id"])
+    assert accesses + errors == n == distinct  # none lost, none duplicated
+    assert errors == sum(1 for i in range(n) if i % 4 == 3)  # the unknown user's share
+    assert (summary["recorded"], summary["failed"]) == (accesses, errors)
+    pending = cli.scalar(
+        f"SELECT count(*) FROM {cli.workflow_table} WHERE status IN ('PENDING', 'ENQUEUED')"
+    )
+    assert pending == 0
+
+
+def test_same_key_twice_concurrently_files_one_batch(cli: Cli) -> None:
+    users = cli.add_users(2)
+    args = ["batch", "15", *user_args(users), "--key", "nightly-2026-11-28", "--json"]
+    runs = [cli.popen(*args) for _ in range(2)]
+    results = [run.communicate(timeout=120) for run in runs]
+    summaries = []
+    for run, (out, err) in zip(runs, results, strict=True):
+        assert run.returncode == 0, err
+        summaries.append(json.loads(out))
+    assert summaries[0]["batch_id"] == summaries[1]["batch_id"]
+    assert cli.scalar("SELECT count(*) FROM accesses") == 15
+    assert cli.scalar("SELECT count(*) FROM batches") == 1
+    again = cli.json("batch", "15", *user_args(users), "--key", "nightly-2026-11-28", "--json")
+    assert again["batch_id"] == summaries[0]["batch_id"]
+    assert cli.scalar("SELECT count(*) FROM accesses") == 15
+
+
+def test_different_keys_concurrently_both_complete_once(cli: Cli) -> None:
+    users = cli.add_users(2)
+    runs = [
+        cli.popen("batch", "12", *user_args(users), "--key", f"k{i}", "--json") for i in range(2)
+    ]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert json.loads(out)["recorded"] == 12
+    assert cli.scalar("SELECT count(*) FROM accesses") == 24
+    assert cli.scalar("SELECT count(DISTINCT request_id) FROM accesses") == 24
+    # Every request ran to completion exactly once: one DBOS execution each, no recovery.
+    attempts = cli.rows(
+        f"SELECT recovery_attempts FROM {cli.workflow_table} WHERE queue_name = 'access-requests'"
+    )
+    assert len(attempts) == 24
+
+
+def test_invalid_or_blank_key_is_a_usage_error(cli: Cli) -> None:
+    for key in ("", "   ", "x" * 201):
+        result = cli("batch", "3", "--key", key)
+        assert result.exit_code == 2, key
+    assert cli.scalar("SELECT count(*) FROM batches") == 0
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_batch_exits_then_rerun_completes(cli: Cli, signum: int, code: int) -> None:
+    users = cli.add_users(2)
+    args = ["batch", "25", *user_args(users), "--key", f"sig-{signum}", "--json"]
+    proc = cli.popen(*args, ACCESSCTL_SHUTDOWN_GRACE="2")
+    wait_for(lambda: request_count(cli) >= 5, what="some requests")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "resumes" in err
+    done_at_signal = request_count(cli)
+    assert done_at_signal < 25
+    rerun = cli.run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    accesses, errors, distinct = terminal_outcomes(cli, summary["batch_id"])
+    assert (accesses, errors, distinct) == (25, 0, 25)
+
+
+def test_second_signal_exits_at_once_and_loses_nothing(cli: Cli) -> None:
+    users = cli.add_users(1)
+    args = ["batch", "25", *user_args(users), "--key", "double-signal", "--json"]
+    proc = cli.popen(*args, ACCESSCTL_SHUTDOWN_GRACE="30")
+    wait_for(lambda: request_count(cli) >= 5, what="some requests")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert proc.returncode == 143
+    rerun = cli.run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    accesses, errors, distinct = terminal_outcomes(cli, json.loads(rerun.stdout)["batch_id"])
+    assert (accesses, errors, distinct) == (25, 0, 25)
+
+
+def test_backends_terminated_mid_batch_are_retried_not_recorded(cli: Cli, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("severing server connections is a Postgres fault")
+    import sqlalchemy as sa
+
+    from conftest import POSTGRES_URL
+
+    users = cli.add_users(2)
+    dbname = sa.make_url(cli.database_url).database
+    proc = cli.popen("batch", "30", *user_args(users), "--json")
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    kills = 0
+    try:
+        for threshold in (5, 12, 20):
+            wait_for(lambda t=threshold: request_count(cli) >= t, what=f"{threshold} requests")
+            with admin.connect() as conn:
+                kills += conn.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = :d AND pid <> pg_backend_pid()"
+                    ),
+                    {"d": dbname},
+                ).scalar() or 0
+    finally:
+        admin.dispose()
+    out, err = proc.communicate(timeout=120)
+    assert kills > 0
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert (summary["recorded"], summary["failed"]) == (30, 0)
+    assert cli.scalar("SELECT count(*) FROM errors") == 0
+    assert cli.scalar("SELECT count(*) FROM accesses") == 30
+
+
+def test_three_workers_share_one_global_limit(cli: Cli, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("several hosts share Postgres; SQLite is one host (covered above)")
+    users = cli.add_users(2)
+    detached = cli("batch", "30", *user_args(users), "--detach")
+    assert detached.exit_code == 0, detached.stderr
+    batch_id = detached.stdout.strip()
+    workers = [cli.popen("worker", "--burst") for _ in range(3)]
+    for w in workers:
+        _, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err
+    status = cli.json("status", batch_id, "--json")
+    assert (status["state"], status["recorded"]) == ("done", 30)
+    starts = request_starts(cli)
+    assert len(starts) == 30
+    assert max_starts_in_window(starts, PERIOD) <= LIMIT
+    executors = cli.rows(
+        f"SELECT DISTINCT executor_id FROM {cli.workflow_table} WHERE queue_name = 'access-requests'"
+    )
+    assert len(executors) >= 2  # the work really was shared
+
+
+def test_read_only_commands_never_execute_work(cli: Cli) -> None:
+    users = cli.add_users(1)
+    detached = cli("submit", *users, "--detach")
+    batch_id = detached.stdout.strip()
+    for command in (["errors"], ["status", batch_id], ["config"], ["users", "list"]):
+        assert cli(*command).exit_code == 0
+    assert cli.scalar("SELECT count(*) FROM accesses") == 0
+    state = cli.scalar(
+        f"SELECT status FROM {cli.workflow_table} WHERE workflow_uuid = :w", w=f"batch-{batch_id}"
+    )
+    assert state == "ENQUEUED"
+
+
+def test_runs_killed_repeatedly_still_finish(cli: Cli) -> None:
+    """Three kills in a row at different depths, then one clean run."""
+    users = cli.add_users(2)
+    args = ["batch", "40", *user_args(users), "--key", "repeated", "--json"]
+    for threshold in (3, 15, 30):
+        proc = cli.popen(*args)
+        wait_for(lambda t=threshold: request_count(cli) >= t, what=f"{threshold} requests")
+        proc.kill()
+        proc.wait(timeout=10)
+    rerun = cli.run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    accesses, errors, distinct = terminal_outcomes(cli, json.loads(rerun.stdout)["batch_id"])
+    assert (accesses, errors, distinct) == (40, 0, 40)
