@@ -110,6 +110,15 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(cli: Cli, point: str) ->
     proc.kill()
     proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
+    # Requests cut off mid-flight may have called downstream: their starts must still
+    # count against the limiter's window when they run again.
+    crashed_starts = [
+        int(r[0])
+        for r in cli.rows(
+            f"SELECT started_at_epoch_ms FROM {cli.workflow_table} WHERE status = 'PENDING' "
+            "AND queue_name = 'access-requests' AND started_at_epoch_ms IS NOT NULL"
+        )
+    ]
 
     rerun = cli.run(*args)
     assert rerun.returncode == 1, rerun.stderr  # the unknown user's requests failed
@@ -123,6 +132,7 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(cli: Cli, point: str) ->
         f"SELECT count(*) FROM {cli.workflow_table} WHERE status IN ('PENDING', 'ENQUEUED')"
     )
     assert pending == 0
+    assert max_starts_in_window(request_starts(cli) + crashed_starts, PERIOD) <= LIMIT
 
 
 def test_same_key_twice_concurrently_files_one_batch(cli: Cli) -> None:

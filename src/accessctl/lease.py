@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,15 +183,18 @@ def make_lease(engine: sa.Engine, executor_id: str) -> Lease:
     )
 
 
+def _workflow_table(engine: sa.Engine) -> str:
+    return "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+
+
 def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
     """Executor IDs that own PENDING workflows of this application version."""
     import sqlalchemy as sa
 
-    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                f"SELECT DISTINCT executor_id FROM {table} "
+                f"SELECT DISTINCT executor_id FROM {_workflow_table(engine)} "
                 "WHERE status = 'PENDING' AND application_version = :v"
             ),
             {"v": app_version},
@@ -199,29 +203,85 @@ def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
 
 
 class Adopter:
-    """Adopts the pending work of dead executors, at start and every ``interval`` s."""
+    """Adopts the pending work of dead executors, at start and every ``interval`` s.
 
-    def __init__(self, lease: Lease, app_version: str, interval: float = 2.0) -> None:
+    A request that was running when its process died may already have called downstream,
+    and DBOS clears its start time when it re-enqueues it. Re-enqueuing it only once that
+    start has left the limiter's window keeps the crashed attempt counted: no window ever
+    holds more than L starts, crashed ones included."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        app_version: str,
+        *,
+        limited_queue: str,
+        period: float | None,
+        interval: float = 2.0,
+    ) -> None:
         self.lease = lease
         self.app_version = app_version
-        self.interval = interval
+        self.limited_queue = limited_queue
+        self.period_ms = int(period * 1000) if period else 0
+        self.interval = min(interval, period) if period else interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="accessctl-adopter", daemon=True)
 
-    def adopt_once(self) -> int:
-        from dbos import DBOS
+    def _orphans(self, executor_id: str) -> tuple[list[str], int]:
+        """The dead executor's workflows ready to re-enqueue, and how many must wait."""
+        import sqlalchemy as sa
 
+        engine = self.lease.engine
+        now = (
+            "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
+            if engine.dialect.name == "postgresql"
+            else ":py_now"
+        )
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"SELECT workflow_uuid, queue_name = :q AND started_at_epoch_ms IS NOT NULL "
+                    f"AND started_at_epoch_ms > {now} - :period AS in_window "
+                    f"FROM {_workflow_table(engine)} WHERE status = 'PENDING' "
+                    "AND executor_id = :e AND application_version = :v"
+                ),
+                {
+                    "q": self.limited_queue,
+                    "period": self.period_ms,
+                    "e": executor_id,
+                    "v": self.app_version,
+                    "py_now": int(time.time() * 1000),
+                },
+            ).all()
+        ready = [str(r[0]) for r in rows if not r[1]]
+        return ready, len(rows) - len(ready)
+
+    def adopt_once(self) -> int:
+        from dbos._dbos import _get_dbos_instance
+        from dbos._recovery import _recover_workflow
+        from dbos._sys_db import GetPendingWorkflowsOutput
+
+        dbos = _get_dbos_instance()
         adopted = 0
         for executor_id in pending_executors(self.lease.engine, self.app_version):
             if executor_id == self.lease.executor_id or not self.lease.is_free(executor_id):
                 continue
-            handles: list[Any] = DBOS._recover_pending_workflows([executor_id])
-            self.lease.forget(executor_id)
-            if handles:
-                log.info(
-                    "adopted work of a dead executor", executor=executor_id, workflows=len(handles)
+            ready, waiting = self._orphans(executor_id)
+            for workflow_id in ready:
+                # What DBOS's own recovery does: back to its queue, restarted through it.
+                _recover_workflow(
+                    dbos, GetPendingWorkflowsOutput(workflow_id=workflow_id), [executor_id]
                 )
-            adopted += len(handles)
+            if not waiting:
+                self.lease.forget(executor_id)
+            if ready:
+                log.info(
+                    "adopted work of a dead executor",
+                    executor=executor_id,
+                    workflows=len(ready),
+                    waiting_for_window=waiting,
+                )
+            adopted += len(ready)
         return adopted
 
     def start(self) -> None:
