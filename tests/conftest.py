@@ -113,9 +113,7 @@ class Cli:
         assert result.exit_code in (0, 1), result.output + result.stderr
         return json.loads(result.stdout)
 
-    def run(
-        self, *args: str, timeout: float = 120, **env: str
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
         """The installed ``accessctl`` in a subprocess."""
         return subprocess.run(
             [ACCESSCTL_BIN, *args],
@@ -158,11 +156,15 @@ class Cli:
 
     @property
     def workflow_table(self) -> str:
-        return "workflow_status" if self.database_url.startswith("sqlite") else "dbos.workflow_status"
+        return (
+            "workflow_status" if self.database_url.startswith("sqlite") else "dbos.workflow_status"
+        )
 
     def add_users(self, count: int) -> list[str]:
         ids = [str(uuid.uuid4()) for _ in range(count)]
-        lines = ["name,email,id"] + [f"User {i},user{i}-{u[:8]}@example.com,{u}" for i, u in enumerate(ids)]
+        lines = ["name,email,id"] + [
+            f"User {i},user{i}-{u[:8]}@example.com,{u}" for i, u in enumerate(ids)
+        ]
         result = self("users", "import", "-", input="\n".join(lines) + "\n")
         assert result.exit_code == 0, result.output + result.stderr
         return ids

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import SEED, Cli
 
 
@@ -33,7 +34,14 @@ def test_help_lists_every_exit_code() -> None:
     done = Cli("sqlite:///unused.sqlite").run("--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for code in ("0 all requests recorded", "1 some requests failed", "2 usage error", "3 configuration", "4 schema not migrated", "130/143"):
+    for code in (
+        "0 all requests recorded",
+        "1 some requests failed",
+        "2 usage error",
+        "3 configuration",
+        "4 schema not migrated",
+        "130/143",
+    ):
         assert code in text
 
 
@@ -78,7 +86,14 @@ def test_unknown_users_each_get_exactly_one_error_row(cli: Cli) -> None:
     assert {e["message"]["user_id"] for e in errors} == {unknown}
     assert len({e["message"]["workflow_id"] for e in errors}) == 5
     for e in errors:
-        assert set(e["message"]) >= {"batch_id", "workflow_id", "user_id", "error_class", "detail", "sqlstate"}
+        assert set(e["message"]) >= {
+            "batch_id",
+            "workflow_id",
+            "user_id",
+            "error_class",
+            "detail",
+            "sqlstate",
+        }
     assert cli.scalar("SELECT count(*) FROM accesses") == 5
 
 
@@ -163,12 +178,16 @@ def test_errors_filters_and_limit(cli: Cli) -> None:
 
 
 def test_users_add_import_list(cli: Cli) -> None:
-    added = cli.json("users", "add", "--name", "Ada Lovelace", "--email", "ada@example.com", "--json")
+    added = cli.json(
+        "users", "add", "--name", "Ada Lovelace", "--email", "ada@example.com", "--json"
+    )
     duplicate = cli("users", "add", "--name", "Ada", "--email", "ADA@example.com")
     assert duplicate.exit_code == 2
     listing = cli.json("users", "list", "--json")
     assert [u["id"] for u in listing] == [added["id"]]
-    jsonl = '{"name": "Bob", "email": "bob@example.com"}\n{"name": "Ada", "email": "ada@example.com"}\n'
+    jsonl = (
+        '{"name": "Bob", "email": "bob@example.com"}\n{"name": "Ada", "email": "ada@example.com"}\n'
+    )
     result = cli("users", "import", "-", "--json", input=jsonl)
     assert json.loads(result.stdout) == {"added": 1, "skipped": 1}
     bad = cli("users", "import", "-", input="name,email\nX,not-an-email\nY,y@example.com\n")

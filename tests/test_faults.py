@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+
 from conftest import Cli
 
 LIMIT, PERIOD = 5, 0.5
@@ -184,7 +185,7 @@ def test_signal_mid_batch_exits_then_rerun_completes(cli: Cli, signum: int, code
     proc = cli.popen(*args, ACCESSCTL_SHUTDOWN_GRACE="2")
     wait_for(lambda: request_count(cli) >= 5, what="some requests")
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "resumes" in err
     done_at_signal = request_count(cli)
@@ -228,13 +229,16 @@ def test_backends_terminated_mid_batch_are_retried_not_recorded(cli: Cli, backen
         for threshold in (5, 12, 20):
             wait_for(lambda t=threshold: request_count(cli) >= t, what=f"{threshold} requests")
             with admin.connect() as conn:
-                kills += conn.execute(
-                    sa.text(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = :d AND pid <> pg_backend_pid()"
-                    ),
-                    {"d": dbname},
-                ).scalar() or 0
+                kills += (
+                    conn.execute(
+                        sa.text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = :d AND pid <> pg_backend_pid()"
+                        ),
+                        {"d": dbname},
+                    ).scalar()
+                    or 0
+                )
     finally:
         admin.dispose()
     out, err = proc.communicate(timeout=120)

@@ -23,7 +23,6 @@ from accessctl.workflows import (
     BATCH_QUEUE_NAME,
     PROGRESS_EVENT,
     WORKFLOW_VERSION,
-    Progress,
     Summary,
     batch_id_for_key,
     batch_workflow_id,
@@ -86,7 +85,7 @@ def run_attached(
     poll_interval: float,
     stop: threading.Event,
     stop_reason: Callable[[], ExitCode],
-    on_progress: Callable[[Progress], None],
+    on_progress: Callable[[dict[str, Any]], None],
 ) -> Summary:
     """Enqueue the batch (or attach to the one its key names) and follow it to the end.
 

@@ -217,15 +217,18 @@ def _file(
 
     structlog.contextvars.bind_contextvars(batch_id=request.batch_id)
     try:
-        with _signals() as (stop, reason), executing_runtime(settings) as runtime:
-            with ProgressReporter(settings.rate_limit) as reporter:
-                summary = run_attached(
-                    request,
-                    poll_interval=runtime.settings.poll_interval,
-                    stop=stop,
-                    stop_reason=reason,
-                    on_progress=reporter.update,
-                )
+        with (
+            _signals() as (stop, reason),
+            executing_runtime(settings) as runtime,
+            ProgressReporter(settings.rate_limit) as reporter,
+        ):
+            summary = run_attached(
+                request,
+                poll_interval=runtime.settings.poll_interval,
+                stop=stop,
+                stop_reason=reason,
+                on_progress=reporter.update,
+            )
     finally:
         structlog.contextvars.unbind_contextvars("batch_id")
     structlog.get_logger("accessctl").info("batch finished", **summary)

@@ -44,7 +44,7 @@ def validate_user(name: str, email: str, user_id: str | None) -> NewUser:
     try:
         parsed_id = uuid.UUID(user_id) if user_id else uuid.uuid4()
     except ValueError:
-        raise ValueError(f"id {user_id[:40]!r} is not a UUID") from None
+        raise ValueError(f"id {str(user_id)[:40]!r} is not a UUID") from None
     return NewUser(name=name, email=email.lower(), id=parsed_id)
 
 
