@@ -50,8 +50,16 @@ class BatchRequest:
         if not self.batch_id:
             self.batch_id = batch_id_for_key(self.key) if self.key else str(uuid.uuid4())
 
-    def workflow_args(self) -> tuple[str, str | None, list[str], list[dict[str, Any]]]:
-        return (self.batch_id, self.key, self.user_ids, [i.as_dict() for i in self.invalid])
+    def workflow_args(
+        self, settings: Settings
+    ) -> tuple[str, str | None, list[str], list[dict[str, Any]], dict[str, float]]:
+        # The retry policy travels with the batch, so every replay decides alike.
+        retry = {
+            "max_attempts": float(settings.provider_max_attempts),
+            "deadline": settings.provider_deadline,
+        }
+        invalid = [i.as_dict() for i in self.invalid]
+        return (self.batch_id, self.key, self.user_ids, invalid, retry)
 
 
 def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchRequest) -> str:
@@ -71,7 +79,7 @@ def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchReques
                 "workflow_id": batch_workflow_id(request.batch_id),
                 "app_version": WORKFLOW_VERSION,
             },
-            *request.workflow_args(),
+            *request.workflow_args(settings),
         )
     finally:
         client.destroy()
@@ -81,6 +89,7 @@ def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchReques
 
 def run_attached(
     request: BatchRequest,
+    settings: Settings,
     *,
     poll_interval: float,
     stop: threading.Event,
@@ -98,7 +107,7 @@ def run_attached(
     queue = DBOS.retrieve_queue(BATCH_QUEUE_NAME)
     assert queue is not None
     with SetWorkflowID(workflow_id):
-        handle = queue.enqueue(run_batch, *request.workflow_args())
+        handle = queue.enqueue(run_batch, *request.workflow_args(settings))
     log.info("batch filed", batch_id=batch_id, key=request.key, total=len(request.user_ids))
     last: dict[str, Any] | None = None
     while True:

@@ -6,8 +6,10 @@ Heavy imports (DBOS, SQLAlchemy, drivers) happen inside the commands that need t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from accessctl import __version__
 from accessctl.errors import AccessctlError, ExitCode, UsageError
@@ -40,6 +43,8 @@ app = typer.Typer(
 )
 users_app = typer.Typer(help="Add, import and list users, so that requests for them succeed.")
 app.add_typer(users_app, name="users")
+accesses_app = typer.Typer(help="List accesses and move them along their lifecycle.")
+app.add_typer(accesses_app, name="accesses")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,8 +73,13 @@ def handles_errors(func: F) -> F:
             if isinstance(exc, DBAPIError):
                 from accessctl.db import describe_db_error
 
+                url = None
+                ctx = kwargs.get("ctx")
+                if isinstance(ctx, typer.Context) and ctx.obj:
+                    with contextlib.suppress(AccessctlError):
+                        url = _settings(ctx).database_url
                 raise fail(
-                    f"database error: {describe_db_error(exc)}", int(ExitCode.CONFIG)
+                    f"database error: {describe_db_error(exc, url=url)}", int(ExitCode.CONFIG)
                 ) from None
             raise
 
@@ -224,6 +234,7 @@ def _file(
         ):
             summary = run_attached(
                 request,
+                settings,
                 poll_interval=runtime.settings.poll_interval,
                 stop=stop,
                 stop_reason=reason,
@@ -301,7 +312,36 @@ def submit(
     _file(settings, parsed.user_ids, parsed.invalid, key, detach=detach, as_json=as_json)
 
 
-@app.command(epilog="Example: accessctl batch 40 --user 3f0c...-... --json")
+_NEGATIVE_NUMBER = re.compile(r"-\d[\d.,_]*(?:[eE][+-]?\d+)?")
+
+
+class _CountCommand(TyperCommand):
+    """``batch -1`` is a count out of bounds, not an unknown option ``-1``: say so in our
+    one line, naming the bounds, before click's parser reports "No such option"."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        takes_value = {
+            opt
+            for param in self.params
+            if param.param_type_name == "option" and not getattr(param, "is_flag", False)
+            for opt in (*param.opts, *param.secondary_opts)
+        }
+        previous: str | None = None
+        for token in args:
+            if token == "--":
+                break
+            if previous not in takes_value and _NEGATIVE_NUMBER.fullmatch(token):
+                from accessctl.inputs import parse_count
+
+                try:
+                    parse_count(token, _settings(ctx).max_batch)
+                except AccessctlError as exc:
+                    raise fail(exc.message, int(exc.exit_code)) from None
+            previous = token
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_CountCommand, epilog="Example: accessctl batch 40 --user 3f0c...-... --json")
 @handles_errors
 def batch(
     ctx: typer.Context,
@@ -488,7 +528,7 @@ def users_import(
     from accessctl.runtime import database
     from accessctl.users import import_users
 
-    text = "\n".join(line for _, line in read_lines(path, sys.stdin))
+    text = "\n".join(line for _, line in read_lines(path, sys.stdin, label="user file"))
     with database(_settings(ctx)) as engine:
         added, skipped = import_users(engine, text)
     if as_json:
@@ -515,6 +555,71 @@ def users_list(
         print_json(rows)
     else:
         print_users(rows)
+
+
+# --- accesses -------------------------------------------------------------------------------
+
+
+@accesses_app.command("list", epilog="Example: accessctl accesses list --status requested --json")
+@handles_errors
+def accesses_list(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None, typer.Option(help="requested, approved, rejected or canceled.")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Only this user ID.")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """List accesses, newest first."""
+    from accessctl.accesses import list_accesses
+    from accessctl.render import print_json, print_table
+    from accessctl.runtime import database
+
+    with database(_settings(ctx)) as engine:
+        rows = list_accesses(engine, status=status, user=user, limit=limit)
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(
+            f"{len(rows)} access(es)",
+            ["id", "user", "status", "batch", "created"],
+            [(r["id"], r["user_id"], r["status"], r["batch_id"], r["created_at"]) for r in rows],
+        )
+
+
+def _transition(ctx: typer.Context, access_ids: list[str], target: str) -> None:
+    from accessctl.accesses import transition
+    from accessctl.models import AccessStatus
+    from accessctl.runtime import database
+
+    with database(_settings(ctx)) as engine:
+        changed = transition(engine, access_ids, AccessStatus(target))
+    typer.echo(f"{changed} access(es) now {target}")
+
+
+AccessIds = Annotated[list[str], typer.Argument(metavar="ACCESS_ID...", help="Access IDs.")]
+
+
+@accesses_app.command("approve", epilog="Example: accessctl accesses approve 6f1e...")
+@handles_errors
+def accesses_approve(ctx: typer.Context, access_ids: AccessIds) -> None:
+    """Approve requested accesses (all or none)."""
+    _transition(ctx, access_ids, "approved")
+
+
+@accesses_app.command("reject", epilog="Example: accessctl accesses reject 6f1e...")
+@handles_errors
+def accesses_reject(ctx: typer.Context, access_ids: AccessIds) -> None:
+    """Reject requested accesses (all or none)."""
+    _transition(ctx, access_ids, "rejected")
+
+
+@accesses_app.command("cancel", epilog="Example: accessctl accesses cancel 6f1e...")
+@handles_errors
+def accesses_cancel(ctx: typer.Context, access_ids: AccessIds) -> None:
+    """Cancel requested or approved accesses (all or none)."""
+    _transition(ctx, access_ids, "canceled")
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
     from dbos import Queue
 
+    from accessctl.provider import ProviderConfig
+
 log = structlog.get_logger(__name__)
 
 
@@ -108,6 +110,22 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
     return config
 
 
+def provider_config(settings: Settings) -> ProviderConfig | None:
+    from accessctl.provider import ProviderConfig, call_slack_for, warm_up
+
+    if not settings.provider_url:
+        return None
+    warm_up(settings.provider_timeout)
+    return ProviderConfig(
+        url=settings.provider_url,
+        token=settings.provider_token,
+        timeout=settings.provider_timeout,
+        max_attempts=settings.provider_max_attempts,
+        deadline=settings.provider_deadline,
+        call_slack=call_slack_for(settings.rate_limit.period if settings.rate_limit else None),
+    )
+
+
 def queue_polling_interval(settings: Settings) -> float:
     """How often the request queue polls. Nothing wakes a queue when a limiter window
     frees up, so each window starts up to one interval late: keep that near 2% of the
@@ -143,6 +161,9 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         datasource = SQLAlchemyDatasource.create(
             normalize_url(settings.database_url), engine=engine, run_migrations=False
         )
+        provider = provider_config(settings)
+        # Before launch: queued work from an earlier run may start the moment DBOS is up.
+        bound = workflows.bind(datasource, settings.poll_interval, provider)
         try:
             DBOS.launch()
         except DBOSInitializationError as exc:
@@ -151,11 +172,15 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
                 f"({str(exc).splitlines()[0][:200]}); run `accessctl migrate`"
             ) from None
         launched = True
-        limiter = (
-            {"limit": settings.rate_limit.limit, "period": settings.rate_limit.period}
-            if settings.rate_limit
-            else None
-        )
+        limiter = None
+        if settings.rate_limit:
+            # With a provider, the window is widened by the call slack: see
+            # workflows.call_provider_step for why calls then respect the limit.
+            slack = provider.call_slack if provider else 0.0
+            limiter = {
+                "limit": settings.rate_limit.limit,
+                "period": settings.rate_limit.period + slack,
+            }
         queue = DBOS.register_queue(
             workflows.QUEUE_NAME,
             limiter=limiter,  # type: ignore[arg-type]
@@ -169,12 +194,12 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             polling_interval_sec=settings.poll_interval,
             on_conflict="always_update",
         )
-        workflows.bind(datasource, queue, settings.poll_interval)
+        bound.set_queue(queue)
         adopter = Adopter(
             lease,
             workflows.WORKFLOW_VERSION,
             limited_queue=workflows.QUEUE_NAME,
-            period=settings.rate_limit.period if settings.rate_limit else None,
+            period=float(limiter["period"]) if limiter else None,
         )
         adopter.start()
         log.debug("runtime up", executor=executor_id, rate_limit=str(settings.rate_limit))

@@ -6,6 +6,7 @@ config file only when a command asks for it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import uuid
@@ -48,6 +49,11 @@ class Settings:
     max_batch: int = 1_000_000
     shutdown_grace: float = 10.0
     poll_interval: float = 0.1
+    provider_url: str | None = None
+    provider_token: str | None = field(default=None, repr=False)  # never shown or stored
+    provider_timeout: float = 10.0
+    provider_max_attempts: int = 5
+    provider_deadline: float = 300.0
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -69,6 +75,11 @@ class Settings:
             "max_batch": self.max_batch,
             "shutdown_grace": self.shutdown_grace,
             "poll_interval": self.poll_interval,
+            "provider_url": _hide_url_password(self.provider_url) if self.provider_url else None,
+            "provider_token": "(set)" if self.provider_token else None,
+            "provider_timeout": self.provider_timeout,
+            "provider_max_attempts": self.provider_max_attempts,
+            "provider_deadline": self.provider_deadline,
             "config_file": str(self.config_file) if self.config_file else None,
             "sources": dict(self.sources),
         }
@@ -92,7 +103,7 @@ def parse_rate_limit(text: str, origin: str) -> RateLimit | None:
             f"{origin}: rate limit {text!r} is not LIMIT/SECONDS (e.g. 50/30) or none"
         )
     limit, period = int(match.group(1)), float(match.group(2))
-    if limit < 1 or period <= 0:
+    if limit < 1 or not 0 < period < math.inf:
         raise ConfigError(f"{origin}: rate limit {text!r} needs a limit >= 1 and a period > 0")
     return RateLimit(limit, period)
 
@@ -102,6 +113,8 @@ def _parse_positive(text: str, origin: str, kind: type[int] | type[float]) -> An
         value = kind(text)
     except ValueError:
         raise ConfigError(f"{origin}: {text!r} is not a number") from None
+    if not math.isfinite(value):  # inf, nan
+        raise ConfigError(f"{origin}: {text!r} is not a finite number")
     if value <= 0:
         raise ConfigError(f"{origin}: {text!r} must be greater than 0")
     return value
@@ -125,6 +138,10 @@ def _load_config_file(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    except ValueError:  # a NUL byte in the path
+        raise ConfigError(f"{str(path)!r}: not a valid config file path") from None
     text = re.sub(r"\$\{([^}]+)\}", lambda m: env.get(m.group(1), ""), text)
     try:
         data = yaml.safe_load(text)
@@ -223,6 +240,23 @@ def resolve_settings(
             lambda t, o: _parse_positive(t, o, float),
         ),
     }
+    parsers.update(
+        {
+            "provider_url": ("ACCESSCTL_PROVIDER_URL", _parse_provider_url),
+            "provider_timeout": (
+                "ACCESSCTL_PROVIDER_TIMEOUT",
+                lambda t, o: _parse_positive(t, o, float),
+            ),
+            "provider_max_attempts": (
+                "ACCESSCTL_PROVIDER_MAX_ATTEMPTS",
+                lambda t, o: _parse_positive(t, o, int),
+            ),
+            "provider_deadline": (
+                "ACCESSCTL_PROVIDER_DEADLINE",
+                lambda t, o: _parse_positive(t, o, float),
+            ),
+        }
+    )
     for name, (var, parse) in parsers.items():
         found = lookup(name, var)
         if found is None:
@@ -232,9 +266,22 @@ def resolve_settings(
         values[name] = parse(str(raw), origin)
         sources[name] = origin
 
+    token = lookup("provider_token", "ACCESSCTL_PROVIDER_TOKEN")
+    token_file = lookup("provider_token_file", "ACCESSCTL_PROVIDER_TOKEN_FILE")
+    if token is not None:
+        values["provider_token"] = str(token[0]).strip()
+        sources["provider_token"] = token[1]
+    elif token_file is not None:
+        values["provider_token"] = _read_token_file(str(token_file[0]), token_file[1])
+        sources["provider_token"] = token_file[1]
+
     from accessctl.db import validate_database_url
 
-    validate_database_url(database_url)
+    try:
+        validate_database_url(database_url)
+    except ConfigError as exc:
+        # Name where the URL came from: a flag, a variable, or the config file's key.
+        raise ConfigError(f"{sources['database_url']}: {exc.message}") from None
     return Settings(
         database_url=database_url,
         database_url_source=sources["database_url"],
@@ -251,3 +298,33 @@ def _parse_log_format(text: str, origin: str) -> LogFormat:
     if value == "console":
         return "console"
     raise ConfigError(f"{origin}: log format {text!r} is not 'json' or 'console'")
+
+
+def _parse_provider_url(text: str, origin: str) -> str:
+    from urllib.parse import urlsplit
+
+    value = text.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{origin}: provider URL must be http(s)://HOST[:PORT]/PATH")
+    return value
+
+
+def _read_token_file(path: str, origin: str) -> str:
+    try:
+        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read token file {path} ({exc.strerror})") from None
+    if not token:
+        raise ConfigError(f"{origin}: token file {path} is empty")
+    return token
+
+
+def _hide_url_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -13,18 +13,22 @@ queue after launch (``bind``).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import uuid
-from dataclasses import dataclass
+from collections import deque
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import sqlalchemy as sa
-from dbos import DBOS, SetWorkflowID
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 
 from accessctl.db import describe_db_error, sqlstate_of
 from accessctl.models import Access, AccessStatus, Batch, Error, User
 
 if TYPE_CHECKING:
     from dbos import Queue, SQLAlchemyDatasource
+
+    from accessctl.provider import ProviderConfig
 
 # Requests: rate-limited and concurrency-limited, globally. Batches: unlimited; a batch
 # workflow only fans out and waits.
@@ -60,20 +64,45 @@ class Progress(TypedDict):
     failed: int
 
 
-@dataclass
 class _Bound:
-    datasource: SQLAlchemyDatasource
-    queue: Queue
-    poll_interval: float
+    """What the workflows need from the running process. Bound before DBOS launches (it
+    may recover work at once); the queue exists only after launch and is set then."""
+
+    def __init__(
+        self,
+        datasource: SQLAlchemyDatasource,
+        poll_interval: float,
+        provider: ProviderConfig | None,
+    ) -> None:
+        self.datasource = datasource
+        self.poll_interval = poll_interval
+        self.provider = provider
+        self._queue: Queue | None = None
+        self._queue_ready = threading.Event()
+
+    def set_queue(self, queue: Queue) -> None:
+        self._queue = queue
+        self._queue_ready.set()
+
+    @property
+    def queue(self) -> Queue:
+        if not self._queue_ready.wait(timeout=60):
+            raise RuntimeError("the request queue was never registered")
+        assert self._queue is not None
+        return self._queue
 
 
 _bound: _Bound | None = None
 
 
-def bind(datasource: SQLAlchemyDatasource, queue: Queue, poll_interval: float) -> None:
-    """Give the workflows their datasource and queue (called by the runtime at launch)."""
+def bind(
+    datasource: SQLAlchemyDatasource, poll_interval: float, provider: ProviderConfig | None
+) -> _Bound:
+    """Give the workflows their datasource and provider (called by the runtime, before
+    launch); the runtime then calls ``set_queue`` on the result after launch."""
     global _bound
-    _bound = _Bound(datasource, queue, poll_interval)
+    _bound = _Bound(datasource, poll_interval, provider)
+    return _bound
 
 
 def unbind() -> None:
@@ -148,7 +177,9 @@ def _record_invalid_inputs(batch_id: str, invalid: list[dict[str, Any]]) -> None
             session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
 
 
-def _record_access(request_id: str, batch_id: str, user_id: str) -> str:
+def _record_access(
+    request_id: str, batch_id: str, user_id: str, status: str = AccessStatus.REQUESTED.value
+) -> str:
     """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user."""
     session = _runtime().datasource.sql_session()
     # A request's outcome is keyed by its durable ID: whatever re-runs, it is written once.
@@ -169,7 +200,7 @@ def _record_access(request_id: str, batch_id: str, user_id: str) -> str:
     session.add(
         Access(
             user_id=uuid.UUID(user_id),
-            status=AccessStatus.REQUESTED,
+            status=AccessStatus(status),
             request_id=request_id,
             batch_id=uuid.UUID(batch_id),
         )
@@ -196,51 +227,139 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) and not state
 
 
-# --- workflows ------------------------------------------------------------------------------
+def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
+    """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
+    its row, ``"failed"`` (with its row) for an unknown user, else ``"ready"``."""
+    session = _runtime().datasource.sql_session()
+    if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)) is not None:
+        return "recorded"
+    if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is not None:
+        return "failed"
+    if session.get(User, uuid.UUID(user_id)) is None:
+        return _record_access(request_id, batch_id, user_id)
+    return "ready"
 
 
-@DBOS.workflow(name="accessctl.file_request", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
-def file_request(batch_id: str, user_id: str) -> str:
-    """One access request: ``"recorded"`` or ``"failed"`` (with its ``errors`` row)."""
+def _seconds_since_start(workflow_id: str) -> float:
+    """How long ago the limiter admitted this attempt, on the database's clock (the one
+    DBOS stamps starts with), so hosts' clock skew does not matter."""
     ds = _runtime().datasource
-    request_id = DBOS.workflow_id
-    assert request_id is not None
+    engine = ds.engine
+    if engine.dialect.name == "sqlite":
+        sql = (
+            "SELECT CAST(strftime('%s','now') * 1000 AS INTEGER) - started_at_epoch_ms "
+            "FROM workflow_status WHERE workflow_uuid = :w"
+        )
+    else:
+        sql = (
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) "
+            "- started_at_epoch_ms FROM dbos.workflow_status WHERE workflow_uuid = :w"
+        )
+    with engine.connect() as conn:
+        elapsed_ms = conn.execute(sa.text(sql), {"w": workflow_id}).scalar()
+    return (elapsed_ms or 0) / 1000
+
+
+@DBOS.step(name="accessctl.call_provider")
+def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str, Any]:
+    """One provider call: a checkpointed step, so a replay does not call again.
+
+    The limiter admits *starts*; the provider sees *calls*. The queue's window is widened
+    by ``call_slack`` and a call is only made within ``call_slack`` of its start, so any
+    window of the configured period at the provider holds at most L calls. An attempt
+    that comes too late does not call: it goes back through the queue (``"late"``)."""
+    from accessctl.provider import call_provider
+
+    provider = _runtime().provider
+    assert provider is not None
+    workflow_id = DBOS.workflow_id
+    assert workflow_id is not None
+    if _seconds_since_start(workflow_id) > provider.call_slack:
+        return {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
+    return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
+
+
+def _run_tx(name: str, func: Any, *args: Any) -> Any:
+    """A datasource transaction, retried here on transient database faults (DBOS retries
+    serialization failures itself); any other database error is raised."""
+    ds = _runtime().datasource
     last: BaseException | None = None
     for attempt in range(TRANSIENT_ATTEMPTS):
         try:
-            outcome: str = ds.run_tx_step(
-                {"name": "record_access"}, _record_access, request_id, batch_id, user_id
-            )
-            return outcome
+            return ds.run_tx_step({"name": name}, func, *args)
         except Exception as exc:
             if not is_transient(exc):
-                message = error_message(
-                    batch_id=batch_id,
-                    request_id=request_id,
-                    user_id=user_id,
-                    error_class=type(exc).__name__,
-                    detail=describe_db_error(exc),
-                    sqlstate=sqlstate_of(exc),
-                )
-                return str(
-                    ds.run_tx_step(
-                        {"name": "record_error"}, _record_error, request_id, batch_id, message
-                    )
-                )
+                raise
             last = exc
             DBOS.sleep(TRANSIENT_BACKOFF_SEC * 2**attempt)
     assert last is not None
+    raise last
+
+
+def _database_failure(request_id: str, batch_id: str, user_id: str, exc: BaseException) -> str:
     message = error_message(
         batch_id=batch_id,
         request_id=request_id,
         user_id=user_id,
-        error_class="TransientRetriesExhausted",
-        detail=describe_db_error(last),
-        sqlstate=sqlstate_of(last),
+        error_class=type(exc).__name__ if not is_transient(exc) else "TransientRetriesExhausted",
+        detail=describe_db_error(exc),
+        sqlstate=sqlstate_of(exc),
     )
     return str(
-        ds.run_tx_step({"name": "record_error"}, _record_error, request_id, batch_id, message)
+        _runtime().datasource.run_tx_step(
+            {"name": "record_error"}, _record_error, request_id, batch_id, message
+        )
     )
+
+
+@DBOS.workflow(name="accessctl.file_request", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
+def file_request(
+    batch_id: str, user_id: str, request_id: str | None = None, attempt: int = 1
+) -> dict[str, Any]:
+    """One attempt at one access request; this is what the rate limiter admits.
+
+    Without a provider it records the request. With one, it calls the provider once and
+    records the outcome, or returns ``{"outcome": "transient", ...}`` for the batch to
+    schedule the next attempt through the queue. ``request_id`` is the request's durable
+    ID (the first attempt's workflow ID): its idempotency key and its row's key."""
+    rid = request_id or DBOS.workflow_id
+    assert rid is not None
+    provider = _runtime().provider
+    try:
+        if provider is None:
+            return {"outcome": _run_tx("record_access", _record_access, rid, batch_id, user_id)}
+        state = _run_tx("check_request", _check_request, rid, batch_id, user_id)
+        if state != "ready":
+            return {"outcome": state}
+        answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
+        outcome = answer["outcome"]
+        if outcome in ("approved", "rejected", "requested"):
+            recorded = _run_tx("record_access", _record_access, rid, batch_id, user_id, outcome)
+            return {"outcome": recorded}
+        if outcome == "refused":
+            message = error_message(
+                batch_id=batch_id,
+                request_id=rid,
+                user_id=user_id,
+                error_class="ProviderRefused",
+                detail=answer["detail"],
+                http_status=answer["http_status"],
+                attempt=attempt,
+            )
+            return {"outcome": _run_tx("record_error", _record_error, rid, batch_id, message)}
+        return {**answer, "attempt": attempt}
+    except Exception as exc:
+        from sqlalchemy.exc import DBAPIError
+
+        if not isinstance(exc, DBAPIError):
+            raise
+        return {"outcome": _database_failure(rid, batch_id, user_id, exc)}
+
+
+def _jitter(request_id: str, attempt: int) -> float:
+    """Deterministic jitter in [0, 1): replays of the batch schedule the same retries."""
+    digest = hashlib.sha256(f"{request_id}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32
 
 
 @DBOS.workflow(name="accessctl.run_batch", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
@@ -249,10 +368,17 @@ def run_batch(
     key: str | None,
     user_ids: list[str],
     invalid: list[dict[str, Any]] | None = None,
+    retry: dict[str, float] | None = None,
 ) -> Summary:
-    """File one batch: a request per user ID, on the rate-limited queue."""
+    """File one batch: a request per user ID, each attempt through the rate-limited queue.
+
+    ``retry`` (``max_attempts``, ``deadline`` seconds) bounds provider retries; it is fixed
+    when the batch is filed, so every replay makes the same decisions."""
+    from accessctl.provider import backoff_seconds
+
     rt = _runtime()
     invalid = invalid or []
+    retry = retry or {"max_attempts": 1, "deadline": 0.0}
     total = len(user_ids) + len(invalid)
     rt.datasource.run_tx_step(
         {"name": "create_batch_record"}, _create_batch_record, batch_id, key, total
@@ -261,26 +387,69 @@ def run_batch(
         rt.datasource.run_tx_step(
             {"name": "record_invalid_inputs"}, _record_invalid_inputs, batch_id, invalid
         )
-    handles = []
+    # (handle, user ID, request ID, attempt, seconds of backoff so far)
+    waiting: deque[tuple[Any, str, str, int, float]] = deque()
     for index, user_id in enumerate(user_ids):
-        with SetWorkflowID(request_workflow_id(batch_id, index)):
-            handles.append(rt.queue.enqueue(file_request, batch_id, user_id))
+        request_id = request_workflow_id(batch_id, index)
+        with SetWorkflowID(request_id):
+            waiting.append(
+                (rt.queue.enqueue(file_request, batch_id, user_id), user_id, request_id, 1, 0.0)
+            )
+    tries: dict[str, int] = {}  # re-enqueues per request, for unique attempt workflow IDs
+
+    def again(user_id: str, request_id: str, attempt: int, delay: float) -> Any:
+        tries[request_id] = tries.get(request_id, 1) + 1
+        options = SetEnqueueOptions(delay_seconds=delay) if delay > 0 else SetEnqueueOptions()
+        with SetWorkflowID(f"{request_id}.t{tries[request_id]}"), options:
+            return rt.queue.enqueue(file_request, batch_id, user_id, request_id, attempt)
+
     progress: Progress = {
         "batch_id": batch_id,
         "total": total,
-        "enqueued": len(handles),
+        "enqueued": len(user_ids),
         "done": len(invalid),
         "recorded": 0,
         "failed": len(invalid),
     }
     DBOS.set_event(PROGRESS_EVENT, dict(progress))
-    # Publish about a hundred updates per batch: deterministic, so replays line up.
-    stride = max(1, len(handles) // 100)
-    for position, handle in enumerate(handles, start=1):
-        outcome = handle.get_result(polling_interval_sec=rt.poll_interval)
+    # About a hundred updates per batch, at deterministic points, so replays line up.
+    stride = max(1, len(user_ids) // 100)
+    while waiting:
+        handle, user_id, request_id, attempt, waited = waiting.popleft()
+        result = handle.get_result(polling_interval_sec=rt.poll_interval)
+        outcome = result["outcome"]
+        if outcome == "late":
+            # Admitted but not called in time: no provider attempt was spent.
+            waiting.append(
+                (again(user_id, request_id, attempt, 0.0), user_id, request_id, attempt, waited)
+            )
+            continue
+        if outcome == "transient":
+            delay = backoff_seconds(
+                attempt, result.get("retry_after"), _jitter(request_id, attempt)
+            )
+            if attempt < retry["max_attempts"] and waited + delay <= retry["deadline"]:
+                handle = again(user_id, request_id, attempt + 1, delay)
+                waiting.append((handle, user_id, request_id, attempt + 1, waited + delay))
+                continue
+            message = error_message(
+                batch_id=batch_id,
+                request_id=request_id,
+                user_id=user_id,
+                error_class="ProviderUnavailable",
+                detail=f"gave up after {attempt} attempt(s): {result.get('detail') or 'no answer'}",
+                http_status=result.get("http_status"),
+                attempt=attempt,
+            )
+            outcome = rt.datasource.run_tx_step(
+                {"name": "record_error"}, _record_error, request_id, batch_id, message
+            )
         progress["done"] += 1
-        progress["recorded" if outcome == "recorded" else "failed"] += 1
-        if position % stride == 0 or position == len(handles):
+        if outcome == "recorded":
+            progress["recorded"] += 1
+        else:
+            progress["failed"] += 1
+        if progress["done"] % stride == 0 or not waiting:
             DBOS.set_event(PROGRESS_EVENT, dict(progress))
     return {
         "batch_id": batch_id,

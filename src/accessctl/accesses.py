@@ -1,0 +1,79 @@
+"""Access rows by hand: listing them, and moving them along their lifecycle.
+
+Allowed transitions: requested -> approved | rejected | canceled; approved -> canceled.
+A command changes all the given accesses or none of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from accessctl.errors import UsageError
+from accessctl.models import Access, AccessStatus, utcnow
+from accessctl.queries import parse_uuid
+
+TRANSITIONS: dict[AccessStatus, frozenset[AccessStatus]] = {
+    AccessStatus.REQUESTED: frozenset(
+        {AccessStatus.APPROVED, AccessStatus.REJECTED, AccessStatus.CANCELED}
+    ),
+    AccessStatus.APPROVED: frozenset({AccessStatus.CANCELED}),
+    AccessStatus.REJECTED: frozenset(),
+    AccessStatus.CANCELED: frozenset(),
+}
+
+
+def parse_status(text: str) -> AccessStatus:
+    try:
+        return AccessStatus(text.strip().lower())
+    except ValueError:
+        choices = ", ".join(s.value for s in AccessStatus)
+        raise UsageError(f"--status {text[:40]!r} is not one of: {choices}") from None
+
+
+def list_accesses(
+    engine: sa.Engine, *, status: str | None, user: str | None, limit: int
+) -> list[dict[str, Any]]:
+    query = sa.select(Access)
+    if status is not None:
+        query = query.where(Access.status == parse_status(status))
+    if user is not None:
+        query = query.where(Access.user_id == parse_uuid(user, "--user"))
+    query = query.order_by(Access.created_at.desc(), Access.id).limit(limit)
+    with engine.connect() as conn:
+        return [
+            {
+                "id": str(row.id),
+                "user_id": str(row.user_id),
+                "status": AccessStatus(row.status).value,
+                "batch_id": str(row.batch_id) if row.batch_id else None,
+                "request_id": row.request_id,
+                "created_at": row.created_at.isoformat(),
+                "updated_at": row.updated_at.isoformat(),
+            }
+            for row in conn.execute(query)
+        ]
+
+
+def transition(engine: sa.Engine, access_ids: list[str], target: AccessStatus) -> int:
+    """Move every given access to ``target``, or none (exit 2 naming the blocker)."""
+    ids = [parse_uuid(a, "access ID") for a in access_ids]
+    if not ids:
+        raise UsageError("give at least one access ID")
+    with engine.begin() as conn:
+        rows = dict(
+            conn.execute(sa.select(Access.id, Access.status).where(Access.id.in_(ids))).all()
+        )
+        for access_id in ids:
+            if access_id not in rows:
+                raise UsageError(f"no access with ID {access_id}")
+            current = AccessStatus(rows[access_id])
+            if target not in TRANSITIONS[current]:
+                raise UsageError(
+                    f"access {access_id} is {current.value}; it cannot become {target.value}"
+                )
+        conn.execute(
+            sa.update(Access).where(Access.id.in_(ids)).values(status=target, updated_at=utcnow())
+        )
+    return len(ids)

@@ -1,0 +1,1 @@
+"""Test doubles shipped with accessctl, for trying it out without a real provider."""
