@@ -129,7 +129,7 @@ def test_migrate_is_idempotent(cli: Cli) -> None:
     for _ in range(2):
         result = cli("migrate", "--json")
         assert result.exit_code == 0, result.stderr
-        assert json.loads(result.stdout) == {"revision": "0001"}
+        assert json.loads(result.stdout) == {"revision": "0002"}
     assert cli.scalar("SELECT count(*) FROM alembic_version") == 1
 
 

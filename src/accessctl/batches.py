@@ -18,6 +18,7 @@ import structlog
 
 from accessctl.errors import ExitCode, Interrupted, UsageError
 from accessctl.inputs import InvalidInput
+from accessctl.models import utcnow
 from accessctl.settings import APP_NAME, Settings
 from accessctl.workflows import (
     BATCH_QUEUE_NAME,
@@ -43,6 +44,7 @@ class BatchRequest:
     invalid: list[InvalidInput]
     key: str | None
     batch_id: str = ""
+    retry_of: str | None = None
 
     def __post_init__(self) -> None:
         if not self.user_ids and not self.invalid:
@@ -52,14 +54,33 @@ class BatchRequest:
 
     def workflow_args(
         self, settings: Settings
-    ) -> tuple[str, str | None, list[str], list[dict[str, Any]], dict[str, float]]:
+    ) -> tuple[str, str | None, list[str], list[dict[str, Any]], dict[str, float], str | None]:
         # The retry policy travels with the batch, so every replay decides alike.
         retry = {
             "max_attempts": float(settings.provider_max_attempts),
             "deadline": settings.provider_deadline,
         }
         invalid = [i.as_dict() for i in self.invalid]
-        return (self.batch_id, self.key, self.user_ids, invalid, retry)
+        return (self.batch_id, self.key, self.user_ids, invalid, retry, self.retry_of)
+
+
+def record_batch(engine: sa.Engine, request: BatchRequest) -> None:
+    """Record the batch before its workflow exists, so `batches` and `status` show it at
+    once (the workflow's own record step is idempotent)."""
+    import sqlalchemy as sa
+
+    from accessctl.models import Batch
+
+    total = len(request.user_ids) + len(request.invalid)
+    bid = uuid.UUID(request.batch_id)
+    retry_of = uuid.UUID(request.retry_of) if request.retry_of else None
+    with engine.begin() as conn:
+        if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
+            conn.execute(
+                sa.insert(Batch).values(
+                    id=bid, key=request.key, total=total, retry_of=retry_of, created_at=utcnow()
+                )
+            )
 
 
 def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchRequest) -> str:
@@ -71,6 +92,7 @@ def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchReques
         system_database_url=None if settings.is_sqlite else settings.database_url,
         application_name=APP_NAME,
     )
+    record_batch(engine, request)
     try:
         client.enqueue(
             {
@@ -90,6 +112,7 @@ def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchReques
 def run_attached(
     request: BatchRequest,
     settings: Settings,
+    engine: sa.Engine,
     *,
     poll_interval: float,
     stop: threading.Event,
@@ -106,6 +129,7 @@ def run_attached(
     workflow_id = batch_workflow_id(batch_id)
     queue = DBOS.retrieve_queue(BATCH_QUEUE_NAME)
     assert queue is not None
+    record_batch(engine, request)
     with SetWorkflowID(workflow_id):
         handle = queue.enqueue(run_batch, *request.workflow_args(settings))
     log.info("batch filed", batch_id=batch_id, key=request.key, total=len(request.user_ids))

@@ -126,6 +126,9 @@ def main_callback(
         typer.Option("--config", help="dbos-config.yaml to read. [env: ACCESSCTL_CONFIG]"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    no_color: Annotated[
+        bool, typer.Option("--no-color", help="No colour in tables (NO_COLOR is honoured too).")
+    ] = False,
     version: Annotated[
         bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
@@ -146,9 +149,13 @@ def main_callback(
     }
     fmt_text = log_format or os.environ.get("ACCESSCTL_LOG_FORMAT")
     try:
-        fmt = _parse_log_format(fmt_text, "--log-format") if fmt_text else None
+        origin = "--log-format" if log_format else "ACCESSCTL_LOG_FORMAT"
+        fmt = _parse_log_format(fmt_text, origin) if fmt_text else None
     except AccessctlError as exc:
         raise fail(exc.message, int(exc.exit_code)) from None
+    from accessctl.render import set_color
+
+    set_color(not no_color)
     configure_logging(fmt, level=logging.DEBUG if verbose else logging.INFO)
     resolved: list[Settings] = []
 
@@ -204,11 +211,12 @@ def _file(
     *,
     detach: bool,
     as_json: bool,
+    retry_of: str | None = None,
 ) -> None:
     from accessctl.batches import BatchRequest, enqueue_detached, run_attached
     from accessctl.render import print_json, print_summary
 
-    request = BatchRequest(user_ids=user_ids, invalid=invalid, key=key)
+    request = BatchRequest(user_ids=user_ids, invalid=invalid, key=key, retry_of=retry_of)
     if detach:
         from accessctl.runtime import database
 
@@ -235,6 +243,7 @@ def _file(
             summary = run_attached(
                 request,
                 settings,
+                runtime.engine,
                 poll_interval=runtime.settings.poll_interval,
                 stop=stop,
                 stop_reason=reason,
@@ -263,6 +272,23 @@ DetachOption = Annotated[
     bool, typer.Option("--detach", help="Enqueue and exit, printing the batch ID.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OutputOption = Annotated[
+    str | None,
+    typer.Option("--output", "-o", help="table, json, jsonl or ids (one ID a line)."),
+]
+
+
+def _output(output: str | None, as_json: bool) -> str:
+    from accessctl.render import OUTPUT_FORMATS
+
+    if as_json and output not in (None, "json"):
+        raise UsageError(f"--json and -o {output} disagree; give one of them")
+    chosen = "json" if as_json else (output or "table")
+    if chosen not in OUTPUT_FORMATS:
+        raise UsageError(f"-o {chosen!r} is not one of: {', '.join(OUTPUT_FORMATS)}")
+    return chosen
+
+
 FileOption = Annotated[
     str | None,
     typer.Option("--file", "-f", help="Read user IDs from PATH, one per line ('-': stdin)."),
@@ -384,19 +410,18 @@ def errors(
     ] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 50,
     as_json: JsonOption = False,
+    output: OutputOption = None,
 ) -> None:
     """Recorded failures, newest first."""
     from accessctl.queries import list_errors
-    from accessctl.render import print_errors, print_json
+    from accessctl.render import emit, print_errors
     from accessctl.runtime import database
 
+    fmt = _output(output, as_json)
     settings = _settings(ctx)
     with database(settings) as engine:
         rows = list_errors(engine, batch=batch, since=since, limit=limit)
-    if as_json:
-        print_json(rows)
-    else:
-        print_errors(rows)
+    emit(rows, fmt, id_field="id", table=print_errors)
 
 
 @app.command(epilog="Example: accessctl status --json")
@@ -422,7 +447,7 @@ def status(
         print_mapping(f"batch {result['batch_id']}", result)
 
 
-@app.command(epilog="Example: ACCESSCTL_DATABASE_URL=postgresql+psycopg://... accessctl config")
+@app.command(epilog="Example: accessctl config --json   # passwords hidden")
 @handles_errors
 def config(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show the resolved configuration (passwords hidden) and where each value came from."""
@@ -436,6 +461,102 @@ def config(ctx: typer.Context, as_json: JsonOption = False) -> None:
         print_mapping(
             "configuration", {k: f"{v}  ({sources.get(k, 'default')})" for k, v in view.items()}
         )
+
+
+@app.command(epilog="Example: accessctl batches --limit 10 -o jsonl")
+@handles_errors
+def batches(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 20,
+    as_json: JsonOption = False,
+    output: OutputOption = None,
+) -> None:
+    """Recent batches, newest first: counts and state (running, done, interrupted)."""
+    from accessctl.queries import list_batches
+    from accessctl.render import emit, print_batches
+    from accessctl.runtime import database
+
+    fmt = _output(output, as_json)
+    with database(_settings(ctx)) as engine:
+        rows = list_batches(engine, limit=limit)
+    emit(rows, fmt, id_field="batch_id", table=print_batches)
+
+
+@app.command(epilog="Example: accessctl retry 5769fa06-... --dry-run")
+@handles_errors
+def retry(
+    ctx: typer.Context,
+    batch_id: Annotated[str, typer.Argument(help="The batch whose failed requests to re-file.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be retried; file nothing.")
+    ] = False,
+    key: KeyOption = None,
+    detach: DetachOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """File a new batch from a batch's failed requests, linked to it. Running it twice
+    files one retry batch (its key defaults to retry-of-BATCH_ID)."""
+    from accessctl.inputs import parse_key
+    from accessctl.queries import failed_requests, parse_uuid
+    from accessctl.render import emit, print_table
+    from accessctl.runtime import database
+
+    settings = _settings(ctx)
+    source = str(parse_uuid(batch_id, "batch ID"))
+    key = parse_key(key) or f"retry-of-{source}"
+    with database(settings) as engine:
+        failed = failed_requests(engine, source)
+    if dry_run:
+        emit(
+            failed,
+            "json" if as_json else "table",
+            id_field="user_id",
+            table=lambda rows: print_table(
+                f"{len(rows)} request(s) would be retried",
+                ["user", "error class", "error"],
+                [(r["user_id"], r["error_class"], r["error_id"]) for r in rows],
+            ),
+        )
+        return
+    if not failed:
+        raise UsageError(f"batch {source} has no failed requests to retry")
+    _file(
+        settings,
+        [r["user_id"] for r in failed],
+        [],
+        key,
+        detach=detach,
+        as_json=as_json,
+        retry_of=source,
+    )
+
+
+@app.command(epilog="Example: accessctl prune --older-than 30d --dry-run")
+@handles_errors
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age to keep, e.g. 30d, 12h, or an ISO date.")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be removed; remove nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove finished workflow records and old errors beyond the retention, in chunks,
+    never touching running work. Accesses are never pruned."""
+    from accessctl.prune import prune as run_prune
+    from accessctl.queries import parse_since
+    from accessctl.render import print_json, print_mapping
+    from accessctl.runtime import database
+
+    cutoff = parse_since(older_than)
+    with database(_settings(ctx)) as engine:
+        removed = run_prune(engine, cutoff, dry_run=dry_run)
+    if as_json:
+        print_json(removed)
+    else:
+        print_mapping("would remove" if dry_run else "removed", removed)
 
 
 # --- operating ------------------------------------------------------------------------------
@@ -543,18 +664,17 @@ def users_list(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
     as_json: JsonOption = False,
+    output: OutputOption = None,
 ) -> None:
     """List users, newest first."""
     from accessctl.queries import list_users
-    from accessctl.render import print_json, print_users
+    from accessctl.render import emit, print_users
     from accessctl.runtime import database
 
+    fmt = _output(output, as_json)
     with database(_settings(ctx)) as engine:
         rows = list_users(engine, limit=limit)
-    if as_json:
-        print_json(rows)
-    else:
-        print_users(rows)
+    emit(rows, fmt, id_field="id", table=print_users)
 
 
 # --- accesses -------------------------------------------------------------------------------
@@ -570,22 +690,17 @@ def accesses_list(
     user: Annotated[str | None, typer.Option("--user", help="Only this user ID.")] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
     as_json: JsonOption = False,
+    output: OutputOption = None,
 ) -> None:
     """List accesses, newest first."""
     from accessctl.accesses import list_accesses
-    from accessctl.render import print_json, print_table
+    from accessctl.render import emit, print_accesses
     from accessctl.runtime import database
 
+    fmt = _output(output, as_json)
     with database(_settings(ctx)) as engine:
         rows = list_accesses(engine, status=status, user=user, limit=limit)
-    if as_json:
-        print_json(rows)
-    else:
-        print_table(
-            f"{len(rows)} access(es)",
-            ["id", "user", "status", "batch", "created"],
-            [(r["id"], r["user_id"], r["status"], r["batch_id"], r["created_at"]) for r in rows],
-        )
+    emit(rows, fmt, id_field="id", table=print_accesses)
 
 
 def _transition(ctx: typer.Context, access_ids: list[str], target: str) -> None:

@@ -67,6 +67,8 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(
         sa.DateTime(timezone=True), default=utcnow, index=True
     )
+    # Set on a batch filed by `accessctl retry`: the batch whose failures it re-files.
+    retry_of: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid, index=True)
 
 
 class Access(Base):

@@ -18,7 +18,9 @@ from accessctl.models import Access, Batch, Error, User
 if TYPE_CHECKING:
     from accessctl.settings import Settings
 
-_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
+_RELATIVE = re.compile(r"(\d{1,12})\s*([smhdw])", re.ASCII)
+# A LIMIT larger than a signed 64-bit integer overflows both drivers; nobody needs more.
+MAX_LIMIT = 2**63 - 1
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -28,7 +30,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     value = text.strip()
     match = _RELATIVE.fullmatch(value)
     if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise UsageError(f"--since {text[:40]!r} reaches back too far") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -55,6 +60,7 @@ def list_errors(
     """Recorded failures, newest first."""
     if limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
+    limit = min(limit, MAX_LIMIT)
     query = sa.select(Error.id, Error.created_at, Error.message)
     if batch is not None:
         query = query.where(Error.batch_id == parse_uuid(batch, "--batch"))
@@ -80,7 +86,7 @@ def list_users(engine: sa.Engine, *, limit: int) -> list[dict[str, Any]]:
                 "email": row.email,
                 "created_at": _iso(row.created_at),
             }
-            for row in conn.execute(query.limit(limit))
+            for row in conn.execute(query.limit(min(limit, MAX_LIMIT)))
         ]
 
 
@@ -140,3 +146,113 @@ def batch_status(settings: Settings, engine: sa.Engine, batch_id: str | None) ->
         "done": done,
         "state": _state(workflow_state, done, total or 0),
     }
+
+
+def _batch_state(workflow_status: str | None, executor_alive: bool | None) -> str:
+    if workflow_status == "SUCCESS":
+        return "done"
+    if workflow_status in ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"):
+        return "failed"
+    if workflow_status == "PENDING" and executor_alive:
+        return "running"
+    # Queued for a worker, or its process died: the next run or any worker resumes it.
+    return "interrupted"
+
+
+def _executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, bool]:
+    """Whether each executor still holds its lease (read-only: nothing is adopted)."""
+    from accessctl.lease import FileLease
+
+    if not executor_ids:
+        return {}
+    if engine.dialect.name == "sqlite":
+        probe = FileLease(engine, "accessctl-reader")
+        return {e: not probe.is_free(e) for e in executor_ids}
+    stmt = sa.text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid::bigint = ((hashtextextended(:id, 7) >> 32) & 4294967295) "
+        "AND objid::bigint = (hashtextextended(:id, 7) & 4294967295) AND objsubid = 1"
+    )
+    with engine.connect() as conn:
+        return {e: bool(conn.execute(stmt, {"id": e}).scalar()) for e in executor_ids}
+
+
+def list_batches(engine: sa.Engine, *, limit: int) -> list[dict[str, Any]]:
+    """Recent batches, newest first, with their outcome counts and state."""
+    from accessctl.workflows import batch_workflow_id
+
+    if limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    with engine.connect() as conn:
+        batches = conn.execute(
+            sa.select(Batch.id, Batch.key, Batch.created_at, Batch.total, Batch.retry_of)
+            .order_by(Batch.created_at.desc(), Batch.id)
+            .limit(limit)
+        ).all()
+        ids = [b.id for b in batches]
+        recorded = dict(
+            conn.execute(
+                sa.select(Access.batch_id, sa.func.count())
+                .where(Access.batch_id.in_(ids))
+                .group_by(Access.batch_id)
+            ).all()
+        )
+        failed = dict(
+            conn.execute(
+                sa.select(Error.batch_id, sa.func.count())
+                .where(Error.batch_id.in_(ids))
+                .group_by(Error.batch_id)
+            ).all()
+        )
+    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    workflow_ids = [batch_workflow_id(str(b)) for b in ids]
+    stmt = sa.text(
+        f"SELECT workflow_uuid, status, executor_id FROM {table} WHERE workflow_uuid IN :ids"
+    ).bindparams(sa.bindparam("ids", expanding=True))
+    with engine.connect() as conn:
+        workflows = (
+            {str(r[0]): (str(r[1]), r[2]) for r in conn.execute(stmt, {"ids": workflow_ids})}
+            if ids
+            else {}
+        )
+    alive = _executors_alive(
+        engine, {str(e) for s, e in workflows.values() if s == "PENDING" and e is not None}
+    )
+    result = []
+    for b in batches:
+        status, executor = workflows.get(batch_workflow_id(str(b.id)), (None, None))
+        result.append(
+            {
+                "batch_id": str(b.id),
+                "key": b.key,
+                "created_at": _iso(b.created_at),
+                "total": b.total,
+                "recorded": recorded.get(b.id, 0),
+                "failed": failed.get(b.id, 0),
+                "state": _batch_state(status, alive.get(str(executor)) if executor else None),
+                "retry_of": str(b.retry_of) if b.retry_of else None,
+            }
+        )
+    return result
+
+
+def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
+    """The failed requests of a batch that can be filed again (they name a user)."""
+    bid = parse_uuid(batch_id, "batch ID")
+    with engine.connect() as conn:
+        if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
+            raise UsageError(f"no batch with ID {bid}")
+        rows = conn.execute(
+            sa.select(Error.id, Error.message, Error.created_at)
+            .where(Error.batch_id == bid)
+            .order_by(Error.created_at, Error.id)
+        ).all()
+    return [
+        {
+            "error_id": str(r.id),
+            "user_id": r.message.get("user_id"),
+            **{"error_class": r.message.get("error_class")},
+        }
+        for r in rows
+        if isinstance(r.message, dict) and r.message.get("user_id")
+    ]

@@ -3,17 +3,53 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+OUTPUT_FORMATS = ("table", "json", "jsonl", "ids")
+_color = True
+
+
+def set_color(enabled: bool) -> None:
+    """``--no-color``; rich also honours the NO_COLOR environment variable by itself."""
+    global _color
+    _color = enabled
+
 
 def stdout_console() -> Console:
-    # Tables are data: they go to stdout. Markup off: cell values are shown, never parsed.
-    return Console(soft_wrap=False, highlight=False)
+    # Tables are data: they go to stdout, fitted to the terminal's width. Markup off:
+    # cell values are shown, never parsed.
+    return Console(soft_wrap=False, highlight=False, no_color=not _color or None)
+
+
+def emit(
+    rows: Sequence[Mapping[str, Any]],
+    output: str,
+    *,
+    id_field: str,
+    table: Callable[[Sequence[Mapping[str, Any]]], None],
+) -> None:
+    """A listing in the chosen format: a table, one JSON array, JSON lines, or one ID a
+    line (for shell pipelines: ``accessctl errors -o ids | ...``)."""
+    if output == "json":
+        print_json(list(rows))
+    elif output == "jsonl":
+        import sys
+
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        sys.stdout.flush()
+    elif output == "ids":
+        import sys
+
+        sys.stdout.write("".join(f"{row[id_field]}\n" for row in rows))
+        sys.stdout.flush()
+    else:
+        table(rows)
 
 
 def print_json(data: Any) -> None:
@@ -74,4 +110,32 @@ def print_users(users: Sequence[Mapping[str, Any]]) -> None:
         f"{len(users)} user(s)",
         ["id", "name", "email", "created"],
         [(u["id"], u["name"], u["email"], u["created_at"]) for u in users],
+    )
+
+
+def print_batches(batches: Sequence[Mapping[str, Any]]) -> None:
+    print_table(
+        f"{len(batches)} batch(es), newest first",
+        ["batch", "key", "created", "total", "recorded", "failed", "state", "retry of"],
+        [
+            (
+                b["batch_id"],
+                b["key"],
+                b["created_at"],
+                b["total"],
+                b["recorded"],
+                b["failed"],
+                b["state"],
+                b["retry_of"],
+            )
+            for b in batches
+        ],
+    )
+
+
+def print_accesses(rows: Sequence[Mapping[str, Any]]) -> None:
+    print_table(
+        f"{len(rows)} access(es)",
+        ["id", "user", "status", "batch", "created"],
+        [(r["id"], r["user_id"], r["status"], r["batch_id"], r["created_at"]) for r in rows],
     )

@@ -154,10 +154,13 @@ def error_message(
 # --- transactions (each one database transaction, checkpointed with its result) ----------
 
 
-def _create_batch_record(batch_id: str, key: str | None, total: int) -> None:
+def _create_batch_record(
+    batch_id: str, key: str | None, total: int, retry_of: str | None = None
+) -> None:
     session = _runtime().datasource.sql_session()
     if session.get(Batch, uuid.UUID(batch_id)) is None:
-        session.add(Batch(id=uuid.UUID(batch_id), key=key, total=total))
+        parent = uuid.UUID(retry_of) if retry_of else None
+        session.add(Batch(id=uuid.UUID(batch_id), key=key, total=total, retry_of=parent))
 
 
 def _record_invalid_inputs(batch_id: str, invalid: list[dict[str, Any]]) -> None:
@@ -369,6 +372,7 @@ def run_batch(
     user_ids: list[str],
     invalid: list[dict[str, Any]] | None = None,
     retry: dict[str, float] | None = None,
+    retry_of: str | None = None,
 ) -> Summary:
     """File one batch: a request per user ID, each attempt through the rate-limited queue.
 
@@ -381,7 +385,7 @@ def run_batch(
     retry = retry or {"max_attempts": 1, "deadline": 0.0}
     total = len(user_ids) + len(invalid)
     rt.datasource.run_tx_step(
-        {"name": "create_batch_record"}, _create_batch_record, batch_id, key, total
+        {"name": "create_batch_record"}, _create_batch_record, batch_id, key, total, retry_of
     )
     if invalid:
         rt.datasource.run_tx_step(

@@ -1,0 +1,108 @@
+"""Retention: remove finished DBOS workflow records and old ``errors`` rows.
+
+Only finished work is touched: a batch's records go once its batch workflow has finished
+(its requests' records with it), and the ``errors`` rows of any batch still running are
+kept. Deletes run in bounded chunks, one short transaction each, so a large prune never
+holds locks for long. ``accesses`` rows are the record of what was filed: never pruned.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from accessctl.models import Error
+
+FINISHED = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
+CHUNK = 1000
+
+
+def _tables(engine: sa.Engine) -> tuple[str, str]:
+    if engine.dialect.name == "sqlite":
+        return "workflow_status", "datasource_outputs"
+    return "dbos.workflow_status", "dbos.datasource_outputs"
+
+
+def prune(engine: sa.Engine, cutoff: datetime, *, dry_run: bool) -> dict[str, Any]:
+    """Remove what finished before ``cutoff``; returns what was (or would be) removed."""
+    workflows, outputs = _tables(engine)
+    cutoff_ms = int(cutoff.timestamp() * 1000)
+    finished = ", ".join(f"'{s}'" for s in FINISHED)
+    # Finished batch workflows older than the cutoff: their requests are finished too.
+    with engine.connect() as conn:
+        batch_workflows = [
+            str(r[0])
+            for r in conn.execute(
+                sa.text(
+                    f"SELECT workflow_uuid FROM {workflows} WHERE workflow_uuid LIKE 'batch-%' "
+                    f"AND status IN ({finished}) AND created_at < :cutoff"
+                ),
+                {"cutoff": cutoff_ms},
+            )
+        ]
+        running_batches = {
+            str(r[0])[len("batch-") :]
+            for r in conn.execute(
+                sa.text(
+                    f"SELECT workflow_uuid FROM {workflows} WHERE workflow_uuid LIKE 'batch-%' "
+                    f"AND status NOT IN ({finished})"
+                )
+            )
+        }
+        doomed_errors = [
+            r[0]
+            for r in conn.execute(
+                sa.select(Error.id, Error.batch_id).where(Error.created_at < cutoff)
+            )
+            if r[1] is None or str(r[1]) not in running_batches
+        ]
+    removed = {"workflows": 0, "errors": 0, "batches": len(batch_workflows)}
+    for batch_workflow in batch_workflows:
+        batch_id = batch_workflow[len("batch-") :]
+        pattern = f"req-{batch_id}-%"
+        while True:
+            with engine.begin() as conn:
+                ids = [
+                    str(r[0])
+                    for r in conn.execute(
+                        sa.text(
+                            f"SELECT workflow_uuid FROM {workflows} "
+                            "WHERE workflow_uuid LIKE :p OR workflow_uuid = :b LIMIT :n"
+                        ),
+                        {"p": pattern, "b": batch_workflow, "n": CHUNK},
+                    )
+                ]
+                if dry_run:
+                    removed["workflows"] += (
+                        conn.execute(
+                            sa.text(
+                                f"SELECT count(*) FROM {workflows} "
+                                "WHERE workflow_uuid LIKE :p OR workflow_uuid = :b"
+                            ),
+                            {"p": pattern, "b": batch_workflow},
+                        ).scalar()
+                        or 0
+                    )
+                    break
+                if not ids:
+                    break
+                delete = sa.text(f"DELETE FROM {workflows} WHERE workflow_uuid IN :ids").bindparams(
+                    sa.bindparam("ids", expanding=True)
+                )
+                conn.execute(delete, {"ids": ids})
+                conn.execute(
+                    sa.text(f"DELETE FROM {outputs} WHERE workflow_id IN :ids").bindparams(
+                        sa.bindparam("ids", expanding=True)
+                    ),
+                    {"ids": ids},
+                )
+                removed["workflows"] += len(ids)
+    for start in range(0, len(doomed_errors), CHUNK):
+        chunk = doomed_errors[start : start + CHUNK]
+        if not dry_run:
+            with engine.begin() as conn:
+                conn.execute(sa.delete(Error).where(Error.id.in_(chunk)))
+        removed["errors"] += len(chunk)
+    return {"cutoff": cutoff.isoformat(), "dry_run": dry_run, **removed}
