@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,3 +228,46 @@ def test_detach_then_worker_burst_finishes_the_batch(cli: Cli) -> None:
     assert worker.returncode == 0, worker.stderr
     status = cli.json("status", batch_id, "--json")
     assert (status["state"], status["recorded"]) == ("done", 2)
+
+
+def test_migrate_works_from_an_installed_wheel(tmp_path: Path) -> None:
+    """The wheel carries the Alembic scripts: `migrate` needs no source checkout."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run(
+        ["uv", "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("accessctl-*.whl"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "accessctl" / "migrations" / "env.py").is_file()
+    code = "import sys; from accessctl.cli import main; sys.argv = ['accessctl', 'migrate', '--json']; main()"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "ACCESSCTL_DATABASE_URL": f"sqlite:///{tmp_path / 'wheel.sqlite'}",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["revision"] == "0002"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import accessctl.schema as s; print(s.migrations_dir())"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip().startswith(str(site))

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from accessctl.errors import UsageError
 from accessctl.models import Access, AccessStatus, utcnow
-from accessctl.queries import parse_uuid
+from accessctl.queries import iso_utc, parse_uuid
 
 TRANSITIONS: dict[AccessStatus, frozenset[AccessStatus]] = {
     AccessStatus.REQUESTED: frozenset(
@@ -49,8 +49,8 @@ def list_accesses(
                 "status": AccessStatus(row.status).value,
                 "batch_id": str(row.batch_id) if row.batch_id else None,
                 "request_id": row.request_id,
-                "created_at": row.created_at.isoformat(),
-                "updated_at": row.updated_at.isoformat(),
+                "created_at": iso_utc(row.created_at),
+                "updated_at": iso_utc(row.updated_at),
             }
             for row in conn.execute(query)
         ]

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from typer.core import TyperCommand
 
@@ -27,7 +28,8 @@ from accessctl.settings import Settings, resolve_settings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all requests recorded; 1 some requests failed (see `accessctl errors`); "
-    "2 usage error, nothing filed; 3 configuration invalid or database unreachable; "
+    "2 usage error, nothing filed; 3 configuration invalid, database unreachable, or an "
+    "internal error; "
     "4 schema not migrated (run `accessctl migrate`); 130/143 interrupted by SIGINT/SIGTERM "
     "(the batch resumes with the next run or any worker)."
 )
@@ -65,6 +67,8 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except AccessctlError as exc:
             raise fail(exc.message, int(exc.exit_code)) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise  # click's own control flow and usage errors
         except KeyboardInterrupt:
             raise fail("interrupted", int(ExitCode.INTERRUPTED)) from None
         except Exception as exc:
@@ -81,7 +85,15 @@ def handles_errors(func: F) -> F:
                 raise fail(
                     f"database error: {describe_db_error(exc, url=url)}", int(ExitCode.CONFIG)
                 ) from None
-            raise
+            # A bug of ours: one line for the operator, the traceback only with -v.
+            import structlog
+
+            structlog.get_logger("accessctl").debug("internal error", exc_info=exc)
+            raise fail(
+                f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} "
+                "(rerun with -v for the traceback)",
+                int(ExitCode.CONFIG),
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -163,6 +175,11 @@ def main_callback(
         # Resolved on first use, so `--help` and `users --help` need no configuration.
         if not resolved:
             resolved.append(resolve_settings(flags))
+            if fmt is None and resolved[0].log_format is not None:
+                # Set only in dbos-config.yaml's env: section, read just now.
+                configure_logging(
+                    resolved[0].log_format, level=logging.DEBUG if verbose else logging.INFO
+                )
         return resolved[0]
 
     ctx.obj = {"settings": settings}
@@ -440,7 +457,7 @@ def status(
 
     settings = _settings(ctx)
     with database(settings) as engine:
-        result = batch_status(settings, engine, batch_id)
+        result = batch_status(engine, batch_id)
     if as_json:
         print_json(result)
     else:

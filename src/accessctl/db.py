@@ -3,7 +3,7 @@
 One URL serves both the application tables and DBOS's system tables. This module builds
 every engine the program uses, so the SQLite fixes below apply to DBOS's queries too.
 
-Why SQLite engines are special here (see docs/rate-limit.md and ../shared/DBOS-NOTES.md):
+Why SQLite engines are special here (README, "How it stays correct"):
 
 * DBOS stamps queue starts with ``strftime('%s','now')`` on Python < 3.12 (whole seconds,
   so its limiter over-admits) and with ``unixepoch('subsec')`` on 3.12+ (which SQLite before
@@ -50,12 +50,34 @@ def _make_url(url: str) -> sa.URL:
         ) from None
 
 
+def _is_secret_param(name: str) -> bool:
+    # libpq takes ``?password=`` (and ``sslpassword=``) in the query string as well.
+    return "password" in name.lower()
+
+
 def hide_password(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and output."""
+    """The URL with any password (userinfo or query) replaced by ``***``, safe to show."""
     try:
-        return _make_url(url).render_as_string(hide_password=True)
+        parsed = _make_url(url)
     except ConfigError:
         return "<malformed URL>"
+    secret = {k: "***" for k in parsed.query if _is_secret_param(k)}
+    if secret:
+        parsed = parsed.update_query_dict(secret)
+    return parsed.render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+
+
+def url_secrets(url: str | sa.URL) -> list[str]:
+    """Every password a URL carries, to scrub from driver messages."""
+    try:
+        parsed = _make_url(url) if isinstance(url, str) else url
+    except ConfigError:
+        return []
+    found = [parsed.password] if parsed.password else []
+    for key, value in parsed.query.items():
+        if _is_secret_param(key):
+            found.extend([value] if isinstance(value, str) else list(value))
+    return [str(s) for s in found if s]
 
 
 def normalize_url(url: str) -> str:
@@ -70,7 +92,16 @@ def validate_database_url(url: str) -> None:
     """Refuse a URL we cannot use, before anything connects."""
     if not url:
         raise ConfigError("database URL is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ConfigError("database URL contains control characters (a NUL or a line break?)")
     parsed = _make_url(url)
+    if parsed.drivername not in SQLITE_DRIVERS and _has_stray_at_sign(url):
+        # An unencoded '@' in the password splits it: part of it would be shown as the host.
+        raise ConfigError(
+            "database URL is malformed: more than one '@' before the host; "
+            "percent-encode special characters in the password (@ as %40, : as %3A, "
+            "/ as %2F, ? as %3F, # as %23, [ ] as %5B %5D)"
+        )
     if parsed.drivername in SQLITE_DRIVERS:
         if not parsed.database or parsed.database == ":memory:":
             raise ConfigError(
@@ -85,6 +116,13 @@ def validate_database_url(url: str) -> None:
         )
     if not parsed.database:
         raise ConfigError(f"database URL {hide_password(url)} names no database")
+
+
+def _has_stray_at_sign(url: str) -> bool:
+    """True when an '@' follows the userinfo's '@' before the query starts."""
+    rest = url.split("://", 1)[-1]
+    first = rest.find("@")
+    return first >= 0 and "@" in rest[first + 1 :].split("?", 1)[0]
 
 
 def is_sqlite_url(url: str) -> bool:
@@ -172,22 +210,26 @@ def check_connection(engine: sa.Engine) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    shown = engine.url.render_as_string(hide_password=True)
+    raw = engine.url.render_as_string(hide_password=False)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except DBAPIError as exc:
         raise DatabaseUnreachable(
-            f"cannot connect to {shown}: {describe_db_error(exc, engine.url.password)}"
+            f"cannot connect to {hide_password(raw)}: {describe_db_error(exc, url=engine.url)}"
         ) from None
 
 
-def describe_db_error(exc: BaseException, password: str | None = None) -> str:
-    """The driver's first line of explanation, with any password scrubbed out."""
+def describe_db_error(
+    exc: BaseException, password: str | None = None, *, url: str | sa.URL | None = None
+) -> str:
+    """The driver's first line of explanation, with any password scrubbed out: ``password``
+    and every password ``url`` carries (userinfo and query)."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-    if password:
-        text = text.replace(password, "***")
+    hidden = ([password] if password else []) + (url_secrets(url) if url is not None else [])
+    for secret in sorted(hidden, key=len, reverse=True):
+        text = text.replace(secret, "***")
     return text
 
 

@@ -16,7 +16,7 @@ from accessctl.errors import UsageError
 from accessctl.models import Access, Batch, Error, User
 
 if TYPE_CHECKING:
-    from accessctl.settings import Settings
+    pass
 
 _RELATIVE = re.compile(r"(\d{1,12})\s*([smhdw])", re.ASCII)
 # A LIMIT larger than a signed 64-bit integer overflows both drivers; nobody needs more.
@@ -50,7 +50,7 @@ def parse_uuid(text: str, what: str) -> uuid.UUID:
         raise UsageError(f"{what} {text[:40]!r} is not a UUID") from None
 
 
-def _iso(value: datetime) -> str:
+def iso_utc(value: datetime) -> str:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
@@ -69,7 +69,7 @@ def list_errors(
     query = query.order_by(Error.created_at.desc(), Error.id.desc()).limit(limit)
     with engine.connect() as conn:
         return [
-            {"id": str(row.id), "created_at": _iso(row.created_at), "message": row.message}
+            {"id": str(row.id), "created_at": iso_utc(row.created_at), "message": row.message}
             for row in conn.execute(query)
         ]
 
@@ -84,68 +84,20 @@ def list_users(engine: sa.Engine, *, limit: int) -> list[dict[str, Any]]:
                 "id": str(row.id),
                 "name": row.name,
                 "email": row.email,
-                "created_at": _iso(row.created_at),
+                "created_at": iso_utc(row.created_at),
             }
             for row in conn.execute(query.limit(min(limit, MAX_LIMIT)))
         ]
 
 
-def _workflow_states(engine: sa.Engine, workflow_ids: list[str]) -> dict[str, str]:
-    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
-    if not workflow_ids:
-        return {}
-    stmt = sa.text(
-        f"SELECT workflow_uuid, status FROM {table} WHERE workflow_uuid IN :ids"
-    ).bindparams(sa.bindparam("ids", expanding=True))
-    with engine.connect() as conn:
-        return {str(r[0]): str(r[1]) for r in conn.execute(stmt, {"ids": workflow_ids})}
-
-
-def _state(workflow_status: str | None, done: int, total: int) -> str:
-    if workflow_status == "SUCCESS":
-        return "done"
-    if workflow_status in ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"):
-        return "failed"
-    if workflow_status is None:
-        return "queued"
-    return "running" if done < total else "finishing"
-
-
-def batch_status(settings: Settings, engine: sa.Engine, batch_id: str | None) -> dict[str, Any]:
+def batch_status(engine: sa.Engine, batch_id: str | None) -> dict[str, Any]:
     """Progress and outcome of one batch (the newest when ``batch_id`` is None)."""
-    from accessctl.workflows import batch_workflow_id
-
-    with engine.connect() as conn:
-        if batch_id is None:
-            newest = conn.scalar(
-                sa.select(Batch.id).order_by(Batch.created_at.desc(), Batch.id).limit(1)
-            )
-            if newest is None:
-                raise UsageError("no batch has been filed yet")
-            bid = newest
-        else:
-            bid = parse_uuid(batch_id, "batch ID")
-        found = conn.execute(
-            sa.select(Batch.key, Batch.total, Batch.created_at).where(Batch.id == bid)
-        ).first()
-        recorded = conn.scalar(sa.select(sa.func.count()).where(Access.batch_id == bid)) or 0
-        failed = conn.scalar(sa.select(sa.func.count()).where(Error.batch_id == bid)) or 0
-    states = _workflow_states(engine, [batch_workflow_id(str(bid))])
-    workflow_state = states.get(batch_workflow_id(str(bid)))
-    if found is None and workflow_state is None:
-        raise UsageError(f"no batch with ID {bid}")
-    total = found.total if found is not None else None
-    done = recorded + failed
-    return {
-        "batch_id": str(bid),
-        "key": found.key if found is not None else None,
-        "created_at": _iso(found.created_at) if found is not None else None,
-        "total": total,
-        "recorded": recorded,
-        "failed": failed,
-        "done": done,
-        "state": _state(workflow_state, done, total or 0),
-    }
+    only = parse_uuid(batch_id, "batch ID") if batch_id is not None else None
+    found = list_batches(engine, limit=1, only=only)
+    if not found:
+        raise UsageError(f"no batch with ID {only}" if only else "no batch has been filed yet")
+    batch = found[0]
+    return {**batch, "done": batch["recorded"] + batch["failed"]}
 
 
 def _batch_state(workflow_status: str | None, executor_alive: bool | None) -> str:
@@ -177,18 +129,19 @@ def _executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, boo
         return {e: bool(conn.execute(stmt, {"id": e}).scalar()) for e in executor_ids}
 
 
-def list_batches(engine: sa.Engine, *, limit: int) -> list[dict[str, Any]]:
-    """Recent batches, newest first, with their outcome counts and state."""
+def list_batches(
+    engine: sa.Engine, *, limit: int, only: uuid.UUID | None = None
+) -> list[dict[str, Any]]:
+    """Recent batches (or just ``only``), newest first, with outcome counts and state."""
     from accessctl.workflows import batch_workflow_id
 
     if limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     with engine.connect() as conn:
-        batches = conn.execute(
-            sa.select(Batch.id, Batch.key, Batch.created_at, Batch.total, Batch.retry_of)
-            .order_by(Batch.created_at.desc(), Batch.id)
-            .limit(limit)
-        ).all()
+        query = sa.select(Batch.id, Batch.key, Batch.created_at, Batch.total, Batch.retry_of)
+        if only is not None:
+            query = query.where(Batch.id == only)
+        batches = conn.execute(query.order_by(Batch.created_at.desc(), Batch.id).limit(limit)).all()
         ids = [b.id for b in batches]
         recorded = dict(
             conn.execute(
@@ -225,7 +178,7 @@ def list_batches(engine: sa.Engine, *, limit: int) -> list[dict[str, Any]]:
             {
                 "batch_id": str(b.id),
                 "key": b.key,
-                "created_at": _iso(b.created_at),
+                "created_at": iso_utc(b.created_at),
                 "total": b.total,
                 "recorded": recorded.get(b.id, 0),
                 "failed": failed.get(b.id, 0),

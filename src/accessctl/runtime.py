@@ -9,6 +9,7 @@ dead executors' work, and on exit waits (bounded) for in-flight requests.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,8 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
         "run_migrations": False,
         "notification_listener_polling_interval_sec": settings.poll_interval,
         "max_executor_threads": max(64, settings.concurrency * 4),
+        # DBOS sets its logger's level from this; keep what logs.configure_logging chose.
+        "log_level": logging.getLevelName(logging.getLogger("dbos").getEffectiveLevel()),
     }
     if settings.is_sqlite:
         # Our engine carries the exact millisecond clock (see db.py).

@@ -5,6 +5,7 @@ system tables, both under one lock so that concurrent ``accessctl migrate`` runs
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ log = structlog.get_logger(__name__)
 
 # Any constant that no other application uses as an advisory lock key on the same database.
 MIGRATION_LOCK_KEY = 0x616363657373  # "access"
+MIGRATION_LOCK_POLL_SEC = 0.2
 
 
 def migrations_dir() -> Path:
@@ -66,11 +68,26 @@ def check_schema(engine: sa.Engine) -> None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
+    if current is not None and not _is_known_revision(current):
+        raise SchemaNotMigrated(
+            f"database schema is at revision {current}, newer than this accessctl knows "
+            f"(its head is {head}); upgrade accessctl"
+        )
     state = "not migrated" if current is None else f"at revision {current}, expected {head}"
     raise SchemaNotMigrated(
-        f"database {engine.url.render_as_string(hide_password=True)} "
+        f"database {hide_password(engine.url.render_as_string(hide_password=False))} "
         f"schema is {state}; run `accessctl migrate`"
     )
+
+
+def _is_known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def is_blank_database(engine: sa.Engine) -> bool:
@@ -82,20 +99,32 @@ def is_blank_database(engine: sa.Engine) -> bool:
 
 @contextlib.contextmanager
 def _migration_lock(engine: sa.Engine) -> Iterator[None]:
-    """Serialize migrators: a Postgres advisory lock, or SQLite's write lock."""
+    """Serialize migrators: a Postgres advisory lock, or SQLite's write lock.
+
+    On Postgres the lock is polled with ``pg_try_advisory_lock`` on an AUTOCOMMIT
+    connection, never awaited with ``pg_advisory_lock``: a session blocked inside that call
+    holds a snapshot, and DBOS's migrations run ``CREATE INDEX CONCURRENTLY``, which waits
+    for every such snapshot in the database -- while the holder waits for the index. Ten
+    concurrent ``accessctl migrate`` runs deadlocked that way (tests/test_bad_input.py).
+    """
     import sqlalchemy as sa
 
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
-                conn.commit()
-    else:
+    if engine.dialect.name != "postgresql":
         yield
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        waiting_logged = False
+        while not conn.execute(
+            sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY}
+        ).scalar():
+            if not waiting_logged:
+                log.info("waiting for a concurrent migration to finish")
+                waiting_logged = True
+            time.sleep(MIGRATION_LOCK_POLL_SEC)
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
 
 
 def migrate(engine: sa.Engine) -> str:
@@ -103,6 +132,7 @@ def migrate(engine: sa.Engine) -> str:
 
     Returns the application schema's head revision."""
     from alembic import command
+    from alembic.util.exc import CommandError
     from dbos import DBOS, SQLAlchemyDatasource
     from sqlalchemy.exc import DBAPIError
 
@@ -119,8 +149,13 @@ def migrate(engine: sa.Engine) -> str:
             SQLAlchemyDatasource.migrate(url)
     except DBAPIError as exc:
         raise DatabaseUnreachable(
-            f"migration of {hide_password(url)} failed: "
-            f"{describe_db_error(exc, engine.url.password)}"
+            f"migration of {hide_password(url)} failed: {describe_db_error(exc, url=engine.url)}"
+        ) from None
+    except CommandError as exc:
+        # e.g. the database was migrated by a newer accessctl than this one.
+        raise SchemaNotMigrated(
+            f"cannot migrate {hide_password(url)}: {str(exc).splitlines()[0][:200]}; "
+            "upgrade accessctl"
         ) from None
     head = head_revision()
     log.info("schema at head", revision=head, database=hide_password(url))

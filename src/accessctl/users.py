@@ -37,6 +37,13 @@ def validate_user(name: str, email: str, user_id: str | None) -> NewUser:
         raise ValueError("name is empty")
     if "\x00" in name or "\x00" in email:
         raise ValueError("contains a NUL byte")
+    for label, value in (("name", name), ("email", email)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{label} is not valid UTF-8 text") from None
+    if user_id is not None and not isinstance(user_id, str):
+        raise ValueError(f"id {user_id!r} is not a UUID string")
     if len(name) > 200:
         raise ValueError(f"name is {len(name)} characters; the maximum is 200")
     if len(email) > 320 or not _EMAIL.fullmatch(email):
@@ -55,7 +62,8 @@ def add_user(engine: sa.Engine, name: str, email: str, user_id: str | None) -> s
         raise UsageError(str(exc)) from None
     added, _ = _insert(engine, [user])
     if not added:
-        raise UsageError(f"a user with email {user.email!r} or id {user.id} already exists")
+        taken = f"email {user.email!r}" + (f" or id {user.id}" if user_id else "")
+        raise UsageError(f"a user with {taken} already exists")
     return str(user.id)
 
 

@@ -37,7 +37,7 @@ BATCH_QUEUE_NAME = "access-batches"
 PROGRESS_EVENT = "progress"
 # Pinned, so that work left by a crash is recovered by the next release too. Bump it only
 # when a workflow's steps change in a way an in-flight workflow could not replay.
-WORKFLOW_VERSION = "accessctl-wf-1"
+WORKFLOW_VERSION = "accessctl-wf-2"
 
 # Transient database faults inside a request are retried this many times, with backoff,
 # before the request is recorded as failed (DBOS already retries serialization failures).
