@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,28 @@ def serialize_sqlite_claims() -> None:
             yield conn
 
     SQLiteSystemDatabase._begin = _begin_immediate  # type: ignore[method-assign]
+
+
+def drain_requests(grace: float) -> None:
+    """Stop taking work, then let in-flight requests finish, for up to ``grace`` seconds.
+
+    Only requests are waited for: a batch workflow here may be waiting on requests that
+    nobody runs any more, and waiting for it would always cost the whole grace period.
+    Whatever is still running when we exit stays PENDING under our executor ID, and is
+    adopted by another process once our lease is gone."""
+    from dbos._dbos import _get_dbos_instance
+
+    from accessctl.workflows import QUEUE_NAME
+
+    dbos = _get_dbos_instance()
+    for stop in dbos.background_thread_stop_events:
+        stop.set()  # the queue threads: nothing new is dequeued from here on
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if dbos._active_workflows_set.count_for_queue(QUEUE_NAME) == 0:
+            return
+        time.sleep(0.05)
+    log.warning("shutdown grace over with requests still running; another process adopts them")
 
 
 def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dict[str, Any]:
@@ -211,8 +234,8 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         if adopter is not None:
             adopter.stop()
         if launched:
-            # In-flight requests finish (bounded); the rest stays queued for the next run.
-            DBOS.destroy(workflow_completion_timeout_sec=int(max(1, settings.shutdown_grace)))
+            drain_requests(settings.shutdown_grace)
+            DBOS.destroy(workflow_completion_timeout_sec=0)
         else:
             with contextlib.suppress(Exception):
                 DBOS.destroy()
