@@ -27,6 +27,7 @@ from accessctl.models import Access, AccessStatus, Batch, Error, User
 
 if TYPE_CHECKING:
     from dbos import Queue, SQLAlchemyDatasource
+    from sqlalchemy.orm import Session
 
     from accessctl.provider import ProviderConfig
 
@@ -180,25 +181,44 @@ def _record_invalid_inputs(batch_id: str, invalid: list[dict[str, Any]]) -> None
             session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
 
 
+def _existing_outcome(session: Session, request_id: str) -> str | None:
+    """A request's outcome is keyed by its durable ID: whatever re-runs, it is written once."""
+    if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)) is not None:
+        return "recorded"
+    if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is not None:
+        return "failed"
+    return None
+
+
+def _add_error(session: Session, request_id: str, batch_id: str, message: dict[str, Any]) -> str:
+    session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
+    return "failed"
+
+
+def _unknown_user(session: Session, request_id: str, batch_id: str, user_id: str) -> bool:
+    """Record the request as failed if its user does not exist; True if so."""
+    if session.get(User, uuid.UUID(user_id)) is not None:
+        return False
+    message = error_message(
+        batch_id=batch_id,
+        request_id=request_id,
+        user_id=user_id,
+        error_class="UnknownUser",
+        detail=f"no user with id {user_id}",
+    )
+    _add_error(session, request_id, batch_id, message)
+    return True
+
+
 def _record_access(
     request_id: str, batch_id: str, user_id: str, status: str = AccessStatus.REQUESTED.value
 ) -> str:
     """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user."""
     session = _runtime().datasource.sql_session()
-    # A request's outcome is keyed by its durable ID: whatever re-runs, it is written once.
-    if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)) is not None:
-        return "recorded"
-    if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is not None:
-        return "failed"
-    if session.get(User, uuid.UUID(user_id)) is None:
-        message = error_message(
-            batch_id=batch_id,
-            request_id=request_id,
-            user_id=user_id,
-            error_class="UnknownUser",
-            detail=f"no user with id {user_id}",
-        )
-        session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
+    existing = _existing_outcome(session, request_id)
+    if existing is not None:
+        return existing
+    if _unknown_user(session, request_id, batch_id, user_id):
         return "failed"
     session.add(
         Access(
@@ -213,9 +233,9 @@ def _record_access(
 
 def _record_error(request_id: str, batch_id: str, message: dict[str, Any]) -> str:
     session = _runtime().datasource.sql_session()
-    if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is None:
-        session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
-    return "failed"
+    return _existing_outcome(session, request_id) or _add_error(
+        session, request_id, batch_id, message
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -234,13 +254,10 @@ def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
     its row, ``"failed"`` (with its row) for an unknown user, else ``"ready"``."""
     session = _runtime().datasource.sql_session()
-    if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)) is not None:
-        return "recorded"
-    if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is not None:
-        return "failed"
-    if session.get(User, uuid.UUID(user_id)) is None:
-        return _record_access(request_id, batch_id, user_id)
-    return "ready"
+    existing = _existing_outcome(session, request_id)
+    if existing is not None:
+        return existing
+    return "failed" if _unknown_user(session, request_id, batch_id, user_id) else "ready"
 
 
 def _seconds_since_start(workflow_id: str) -> float:
