@@ -118,7 +118,7 @@ def test_outdated_schema_exits_4(cli: Cli) -> None:
     with engine.begin() as conn:
         import sqlalchemy as sa
 
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'old-revision'"))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
     engine.dispose()
     for command in (["errors"], ["submit"], ["status"]):
         result = cli(*command)

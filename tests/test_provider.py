@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
 from collections import Counter
 
+from accessctl.testing.provider import FakeProvider
 from conftest import Cli
 from test_faults import max_starts_in_window, wait_for
-
-from accessctl.testing.provider import FakeProvider
 
 
 def user_args(users: list[str]) -> list[str]:
@@ -68,7 +68,7 @@ def test_429_with_retry_after_is_retried_with_backoff(cli: Cli) -> None:
     assert len(by_key) == 4
     for arrivals in by_key.values():
         assert len(arrivals) == 3  # 429, 429, 200: the same key every time
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         assert min(gaps) >= 0.3 - 0.02  # Retry-After honoured
 
 

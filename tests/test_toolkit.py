@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
-from conftest import SEED, Cli
-
 from accessctl import __version__
+from conftest import SEED, Cli
 
 
 def file_failing_batch(cli: Cli) -> dict[str, object]:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from accessctl.errors import UsageError
 from accessctl.models import Access, AccessStatus, utcnow
-from accessctl.queries import iso_utc, parse_uuid
+from accessctl.queries import MAX_LIMIT, iso_utc, parse_uuid
 
 TRANSITIONS: dict[AccessStatus, frozenset[AccessStatus]] = {
     AccessStatus.REQUESTED: frozenset(
@@ -40,7 +40,7 @@ def list_accesses(
         query = query.where(Access.status == parse_status(status))
     if user is not None:
         query = query.where(Access.user_id == parse_uuid(user, "--user"))
-    query = query.order_by(Access.created_at.desc(), Access.id).limit(limit)
+    query = query.order_by(Access.created_at.desc(), Access.id).limit(min(limit, MAX_LIMIT))
     with engine.connect() as conn:
         return [
             {

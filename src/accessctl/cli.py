@@ -74,14 +74,15 @@ def handles_errors(func: F) -> F:
         except Exception as exc:
             from sqlalchemy.exc import DBAPIError
 
-            if isinstance(exc, DBAPIError):
-                from accessctl.db import describe_db_error
+            from accessctl.db import describe_db_error
 
-                url = None
-                ctx = kwargs.get("ctx")
-                if isinstance(ctx, typer.Context) and ctx.obj:
-                    with contextlib.suppress(AccessctlError):
-                        url = _settings(ctx).database_url
+            # Whatever the text, the configured URL's passwords are scrubbed from it.
+            url = None
+            ctx = kwargs.get("ctx")
+            if isinstance(ctx, typer.Context) and ctx.obj:
+                with contextlib.suppress(AccessctlError):
+                    url = _settings(ctx).database_url
+            if isinstance(exc, DBAPIError):
                 raise fail(
                     f"database error: {describe_db_error(exc, url=url)}", int(ExitCode.CONFIG)
                 ) from None
@@ -89,8 +90,9 @@ def handles_errors(func: F) -> F:
             import structlog
 
             structlog.get_logger("accessctl").debug("internal error", exc_info=exc)
+            detail = describe_db_error(exc, url=url)[:200] if str(exc).strip() else ""
             raise fail(
-                f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} "
+                f"internal error: {type(exc).__name__}: {detail} "
                 "(rerun with -v for the traceback)",
                 int(ExitCode.CONFIG),
             ) from None

@@ -18,6 +18,7 @@ class InvalidInput:
     line: int
     text: str
     reason: str
+    where: str = "line"  # "argument", "line" (of --file) or "stdin line"
 
     def as_dict(self) -> dict[str, object]:
         return {"line": self.line, "text": self.text, "reason": self.reason}
@@ -45,9 +46,25 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
-def parse_user_ids(entries: Iterable[tuple[int, str]]) -> UserIdInput:
+def storable(text: str) -> str:
+    """``text`` as it may be stored and shown: no NUL (JSONB refuses ``\\u0000``) and no
+    lone surrogates (undecodable bytes from argv or a file; UTF-8 cannot encode them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            # Undecodable bytes from argv (surrogateescape): show them as \\xNN.
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\0")
+
+
+def parse_user_ids(
+    entries: Iterable[tuple[int, str]], where: str = "line", into: UserIdInput | None = None
+) -> UserIdInput:
     """Validate ``(line, text)`` entries; blank lines and ``#`` comments are skipped."""
-    result = UserIdInput()
+    result = UserIdInput() if into is None else into
     for line, raw in entries:
         text = raw.strip()
         if not text or text.startswith("#"):
@@ -55,26 +72,31 @@ def parse_user_ids(entries: Iterable[tuple[int, str]]) -> UserIdInput:
         try:
             result.user_ids.append(normalize_user_id(text))
         except ValueError as exc:
-            result.invalid.append(InvalidInput(line, text.replace("\x00", "\\0"), str(exc)))
+            result.invalid.append(InvalidInput(line, storable(text), str(exc), where))
     return result
 
 
-def read_lines(source: str, stdin: TextIO) -> list[tuple[int, str]]:
-    """Numbered lines of ``--file PATH`` or ``-`` (stdin)."""
+def read_lines(source: str, stdin: TextIO, label: str = "--file") -> list[tuple[int, str]]:
+    """Numbered lines of ``--file PATH`` or ``-`` (stdin); ``label`` names it in errors."""
     if source == "-":
-        text = stdin.read()
+        try:
+            text = stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("stdin is not UTF-8 text") from None
     else:
         path = Path(source)
         try:
             text = path.read_text(encoding="utf-8")
+        except ValueError as exc:  # an embedded NUL byte in the path
+            if isinstance(exc, UnicodeDecodeError):
+                raise UsageError(f"{label} {_shown(source)}: is not UTF-8 text") from None
+            raise UsageError(f"{label} {_shown(source)}: not a valid path ({exc})") from None
         except FileNotFoundError:
-            raise UsageError(f"--file {source}: no such file") from None
+            raise UsageError(f"{label} {source}: no such file") from None
         except IsADirectoryError:
-            raise UsageError(f"--file {source}: is a directory") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"--file {source}: is not UTF-8 text") from None
+            raise UsageError(f"{label} {source}: is a directory") from None
         except OSError as exc:
-            raise UsageError(f"--file {source}: cannot read ({exc.strerror})") from None
+            raise UsageError(f"{label} {source}: cannot read ({exc.strerror})") from None
     return list(enumerate(text.splitlines(), start=1))
 
 
@@ -83,19 +105,18 @@ def collect_user_ids(
 ) -> UserIdInput:
     """User IDs from arguments (``-`` reads stdin) and ``--file``. Every malformed one is
     reported at once; with ``skip_invalid`` they are returned for recording instead."""
-    entries: list[tuple[int, str]] = []
+    parsed = UserIdInput()
     for position, arg in enumerate(args, start=1):
         if arg == "-":
-            entries.extend(read_lines("-", stdin))
+            where = "line" if file == "-" else "stdin line"
+            parse_user_ids(read_lines("-", stdin), where, into=parsed)
         else:
-            entries.append((position, arg))
+            parse_user_ids([(position, arg)], "argument", into=parsed)
     if file is not None:
-        entries.extend(read_lines(file, stdin))
-    parsed = parse_user_ids(entries)
-    where = "line" if (file is not None or "-" in args) else "argument"
+        parse_user_ids(read_lines(file, stdin), "line", into=parsed)
     if parsed.invalid and not skip_invalid:
         listed = "; ".join(
-            f"{where} {item.line}: {_shown(item.text)} {item.reason}"
+            f"{item.where} {item.line}: {_shown(item.text)} {item.reason}"
             for item in parsed.invalid[:MAX_LISTED]
         )
         more = len(parsed.invalid) - MAX_LISTED
@@ -110,6 +131,8 @@ def collect_user_ids(
 def parse_count(text: str, maximum: int) -> int:
     """``batch N``: a whole number from 1 to ``maximum``."""
     stripped = text.strip()
+    if stripped.startswith("-") and stripped[1:].isdigit() and stripped[1:].isascii():
+        raise UsageError(f"N must be from 1 to {maximum} (ACCESSCTL_MAX_BATCH), got {stripped}")
     if not stripped.isdigit() or not stripped.isascii():
         raise UsageError(f"N must be a whole number from 1 to {maximum}, got {_shown(text)}")
     value = int(stripped)

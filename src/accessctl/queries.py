@@ -141,7 +141,9 @@ def list_batches(
         query = sa.select(Batch.id, Batch.key, Batch.created_at, Batch.total, Batch.retry_of)
         if only is not None:
             query = query.where(Batch.id == only)
-        batches = conn.execute(query.order_by(Batch.created_at.desc(), Batch.id).limit(limit)).all()
+        batches = conn.execute(
+            query.order_by(Batch.created_at.desc(), Batch.id).limit(min(limit, MAX_LIMIT))
+        ).all()
         ids = [b.id for b in batches]
         recorded = dict(
             conn.execute(

@@ -166,8 +166,9 @@ def _create_batch_record(
 
 def _record_invalid_inputs(batch_id: str, invalid: list[dict[str, Any]]) -> None:
     session = _runtime().datasource.sql_session()
-    for item in invalid:
-        request_id = f"invalid-{batch_id}-{item['line']}"
+    for index, item in enumerate(invalid):
+        # Keyed by position in the batch's input: two sources can share a line number.
+        request_id = f"invalid-{batch_id}-{index:07d}"
         if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is None:
             message = error_message(
                 batch_id=batch_id,
