@@ -108,6 +108,14 @@ def test_prune_removes_finished_work_and_keeps_running_work(cli: Cli) -> None:
     assert cli.scalar("SELECT count(*) FROM accesses") == 1  # accesses are never pruned
     remaining = cli.rows(f"SELECT workflow_uuid, status FROM {cli.workflow_table}")
     assert [tuple(r) for r in remaining] == [(f"batch-{queued}", "ENQUEUED")]
+    prefix = "" if cli.database_url.startswith("sqlite") else "dbos."
+    from accessctl.prune import KEYED_BY_WORKFLOW
+
+    for table, column in KEYED_BY_WORKFLOW:
+        orphans = cli.scalar(
+            f"SELECT count(*) FROM {prefix}{table} WHERE {column} <> :keep", keep=f"batch-{queued}"
+        )
+        assert orphans == 0, table
     nothing = cli.json("prune", "--older-than", "30d", "--json")
     assert (nothing["workflows"], nothing["errors"]) == (0, 0)
     # The queued batch still runs to completion after the prune.

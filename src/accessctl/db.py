@@ -196,8 +196,10 @@ def make_engine(url: str, *, connect_timeout: float = 5.0, create_dir: bool = Fa
     return sa.create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=10,
+        # Few idle connections per process: many workers share one server's
+        # max_connections. Bursts open overflow connections, closed again on return.
+        pool_size=3,
+        max_overflow=20,
         connect_args={
             "connect_timeout": max(1, math.ceil(connect_timeout)),
             "application_name": "accessctl",

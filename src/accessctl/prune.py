@@ -19,15 +19,29 @@ FINISHED = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 CHUNK = 1000
 
 
-def _tables(engine: sa.Engine) -> tuple[str, str]:
-    if engine.dialect.name == "sqlite":
-        return "workflow_status", "datasource_outputs"
-    return "dbos.workflow_status", "dbos.datasource_outputs"
+# Every DBOS table keyed by workflow ID, cleared explicitly before workflow_status: in
+# DBOS 3.4's schema several (inputs, outputs, step results, datasource checkpoints) do not
+# cascade from it. Column name beside each.
+KEYED_BY_WORKFLOW = (
+    ("operation_outputs", "workflow_uuid"),
+    ("workflow_events", "workflow_uuid"),
+    ("workflow_events_history", "workflow_uuid"),
+    ("streams", "workflow_uuid"),
+    ("notifications", "destination_uuid"),
+    ("workflow_input", "workflow_uuid"),
+    ("workflow_output", "workflow_uuid"),
+    ("datasource_outputs", "workflow_id"),
+)
+
+
+def _tables(engine: sa.Engine) -> tuple[str, list[tuple[str, str]]]:
+    prefix = "" if engine.dialect.name == "sqlite" else "dbos."
+    return f"{prefix}workflow_status", [(f"{prefix}{t}", c) for t, c in KEYED_BY_WORKFLOW]
 
 
 def prune(engine: sa.Engine, cutoff: datetime, *, dry_run: bool) -> dict[str, Any]:
     """Remove what finished before ``cutoff``; returns what was (or would be) removed."""
-    workflows, outputs = _tables(engine)
+    workflows, keyed = _tables(engine)
     cutoff_ms = int(cutoff.timestamp() * 1000)
     finished = ", ".join(f"'{s}'" for s in FINISHED)
     # Finished batch workflows older than the cutoff: their requests are finished too.
@@ -88,16 +102,13 @@ def prune(engine: sa.Engine, cutoff: datetime, *, dry_run: bool) -> dict[str, An
                     break
                 if not ids:
                     break
-                delete = sa.text(f"DELETE FROM {workflows} WHERE workflow_uuid IN :ids").bindparams(
-                    sa.bindparam("ids", expanding=True)
-                )
-                conn.execute(delete, {"ids": ids})
-                conn.execute(
-                    sa.text(f"DELETE FROM {outputs} WHERE workflow_id IN :ids").bindparams(
-                        sa.bindparam("ids", expanding=True)
-                    ),
-                    {"ids": ids},
-                )
+                for table, column in [*keyed, (workflows, "workflow_uuid")]:
+                    conn.execute(
+                        sa.text(f"DELETE FROM {table} WHERE {column} IN :ids").bindparams(
+                            sa.bindparam("ids", expanding=True)
+                        ),
+                        {"ids": ids},
+                    )
                 removed["workflows"] += len(ids)
     for start in range(0, len(doomed_errors), CHUNK):
         chunk = doomed_errors[start : start + CHUNK]

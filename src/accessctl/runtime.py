@@ -129,8 +129,10 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
     else:
         config["db_engine_kwargs"] = {
             "pool_pre_ping": True,
-            "pool_size": 20,
-            "max_overflow": 10,
+            # DBOS's own pool: a few kept open, enough overflow for every request
+            # thread plus DBOS's pollers (see db.py for why so few stay idle).
+            "pool_size": 5,
+            "max_overflow": settings.concurrency + 15,
             "connect_args": {"connect_timeout": max(1, int(settings.connect_timeout))},
         }
     return config
