@@ -186,17 +186,18 @@ def resolve_settings(
     cwd = Path.cwd() if cwd is None else cwd
 
     config_path: Path | None = None
+    config_source = "default"
     if "config_file" in flags:
-        config_path = Path(flags["config_file"])
+        config_path, config_source = Path(flags["config_file"]), "--config"
     elif env.get("ACCESSCTL_CONFIG"):
-        config_path = Path(env["ACCESSCTL_CONFIG"])
+        config_path, config_source = Path(env["ACCESSCTL_CONFIG"]), "ACCESSCTL_CONFIG"
     elif (cwd / CONFIG_FILE_NAME).is_file():
-        config_path = cwd / CONFIG_FILE_NAME
+        config_path, config_source = cwd / CONFIG_FILE_NAME, "working directory"
     file_data = _load_config_file(config_path, env) if config_path else {}
     file_env = {str(k): str(v) for k, v in (file_data.get("env") or {}).items() if v is not None}
     file_origin = str(config_path)
 
-    sources: dict[str, str] = {}
+    sources: dict[str, str] = {"config_file": config_source}
 
     def lookup(flag: str, var: str) -> tuple[Any, str] | None:
         if flag in flags:
