@@ -32,7 +32,7 @@ class ProviderConfig:
     deadline: float = 300.0  # seconds from the first attempt; then the request fails
     # Longest a call may follow its rate-limited start; the queue's window is widened by
     # as much, so that calls (not just starts) respect the limit. See workflows.py.
-    call_slack: float = 0.25
+    call_slack: float = 0.5
 
     def __repr__(self) -> str:  # keep the token out of any accidental repr in logs
         return f"ProviderConfig(url={self.url!r}, token={'***' if self.token else None})"
@@ -77,8 +77,8 @@ def warm_up(timeout: float) -> None:
 
 
 def call_slack_for(period: float | None) -> float:
-    """A quarter second, or 2% of a long period (a 0.6 s slack at 50/30), at most 1 s."""
-    return 0.25 if period is None else max(0.25, min(1.0, period * 0.02))
+    """Half a second, or 2% of a long period (0.6 s at 50/30), at most 1 s."""
+    return 0.5 if period is None else max(0.5, min(1.0, period * 0.02))
 
 
 def call_provider(
