@@ -35,6 +35,7 @@ from common import (
     log,
     median,
     postgres_available,
+    stderr_file,
 )
 
 
@@ -45,7 +46,7 @@ def time_commands(
     *,
     prepare: str | None = None,
     warmup: int = 2,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median / mean / min seconds per command, measured in one interleaved session."""
     hyperfine = shutil.which("hyperfine")
     if hyperfine:
@@ -301,6 +302,46 @@ def submit_fresh(runs: int) -> dict[str, Any]:
     return {"times": times, "met": median_s <= 2.0}
 
 
+def submit_phases() -> list[dict[str, Any]]:
+    """Where a `submit` of 4 IDs spends its time, from DBOS's own timestamps: start-up (process
+    start -> batch workflow created), queue wait (created -> started), the batch itself
+    (started -> done), and shutdown (done -> process exit). Fresh, then existing, database."""
+    home = Path(tempfile.mkdtemp(prefix="accessctl-bench-phases-"))
+    env = base_env(XDG_DATA_HOME=str(home))
+    ids = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(4)]
+    db = home / "accessctl" / "accessctl.sqlite"
+    out: list[dict[str, Any]] = []
+    try:
+        for label in ("fresh", "existing"):
+            t0 = time.time()
+            with stderr_file(f"submit-phases-{label}") as err:
+                subprocess.run(
+                    [ACCESSCTL, "submit", *ids], env=env, stdout=subprocess.DEVNULL,
+                    stderr=err, check=False, timeout=120,
+                )
+            t1 = time.time()
+            conn = sqlite3.connect(db)
+            created, started, done = conn.execute(
+                "SELECT created_at, started_at_epoch_ms, updated_at FROM workflow_status "
+                "WHERE queue_name = 'access-batches' ORDER BY created_at DESC LIMIT 1"
+            ).fetchone()
+            conn.close()
+            out.append(
+                {
+                    "database": label,
+                    "total_s": round(t1 - t0, 2),
+                    "startup_s": round(created / 1000 - t0, 2),
+                    "queue_wait_s": round((started - created) / 1000, 2),
+                    "batch_s": round((done - started) / 1000, 2),
+                    "shutdown_s": round(t1 - done / 1000, 2),
+                }
+            )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    log(f"submit phases: {out}")
+    return out
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     runs = 5 if quick else 10
     # The target is about 1,000,000 rows; --quick fills 200,000 (and says so in the report).
@@ -311,6 +352,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         for kind in [*(["postgres"] if postgres_available() else []), "sqlite"]
     ]
     out["submit"] = submit_fresh(3 if quick else 5)
+    out["submit"]["phases"] = submit_phases()
     return out
 
 

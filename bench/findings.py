@@ -31,6 +31,15 @@ def _num(value: Any, fmt: str = "{:,.0f}") -> str:
         return "?"
 
 
+def _group(pairs: list[tuple[Any, dict[str, Any]]]) -> dict[Any, list[float]]:
+    """First-window spread (first to L-th start, seconds) per key."""
+    out: dict[Any, list[float]] = {}
+    for key, run in pairs:
+        rel, limit = run["starts_rel_s"], run["limit"]
+        out.setdefault(key, []).append(rel[limit - 1] - rel[0])
+    return out
+
+
 def _role(prof: dict[str, Any] | None, prefix: str) -> float:
     for name, pct in (prof or {}).get("roles", []):
         if name.startswith(prefix):
@@ -55,7 +64,6 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
     fan_sq = _pick(fo.get("filing", []), backend="sqlite", complete=True)
     bulk_pg = _pick(fo.get("bulk", []), backend="postgres")
     bulk_sq = _pick(fo.get("bulk", []), backend="sqlite")
-    big_pg = _pick(fo.get("filing", []), backend="postgres", n=100_000)
     submit = _get(st, "submit", "times", default={})
     fresh = _get(submit, "submit 4 IDs, fresh embedded database", "median_s")
     warm = _get(submit, "submit 4 IDs, existing embedded database", "median_s")
@@ -63,13 +71,19 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
     err_time = _get(err_pg, "times", "errors --limit 50", "median_s")
     imports = st.get("imports", {})
     imp = {k: _get(v, "median_s", default=float("nan")) for k, v in imports.items()}
-    spread = []
-    for run in lim.get("runs", []):
-        rel, limit = run["starts_rel_s"], run["limit"]
-        spread.append((run["backend"], limit, rel[limit - 1] - rel[0]))
-    pg_spread_10 = statistics.median([s for b, lim_, s in spread if b == "postgres" and lim_ == 10] or [0])
-    pg_spread_50 = statistics.median([s for b, lim_, s in spread if b == "postgres" and lim_ == 50] or [0])
+    spreads = ", ".join(
+        f"{statistics.median(v) * 1000:.0f} ms at {lim_}/{period:g} on {b}"
+        for (b, lim_, period), v in sorted(
+            _group([((r["backend"], r["limit"], r["period"]), r) for r in lim.get("runs", [])]).items()
+        )
+    ) or "see section 1"
+    phases = {p["database"]: p for p in _get(st, "submit", "phases", default=[]) or []}
+    profiled = bool(prof_pg and prof_pg.get("available"))
 
+    saved = max(
+        0.0,
+        (imp.get("+ alembic (schema check)", 0.0) or 0.0) - (imp.get("+ sqlalchemy", 0.0) or 0.0),
+    )
     items: list[str] = []
 
     items.append(
@@ -88,11 +102,11 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
    → 100,000 in ~{_num(bulk_pg.get('projected_100k_s'))} s / ~{_num(bulk_sq.get('projected_100k_s'))} s, and all-or-nothing by
    construction (closes the atomicity target). It also closes most of target 1's overshoot:
    the limiter can only admit children that exist, and today the first window's L starts are
-   spread over the time the first L enqueues take ({pg_spread_10 * 1000:.0f} ms at 10/2,
-   {pg_spread_50 * 1000:.0f} ms at 50/30 on Postgres, median), a spread every later window inherits.
+   spread over the time the first L enqueues take (median first-window spread: {spreads}),
+   a spread every later window inherits.
    Keep the idempotency: enqueue under the deterministic IDs and treat an existing
    `batches` row (same key) as "already filed". To get 100,000 under 60 s on Postgres as well,
-   cut the per-child round trips (the probe still does ~3 statements per child): build the
+   cut the per-child round trips (the probe still sends each child's rows one by one): build the
    rows with DBOS's own `build_enqueue_status` and insert them with one multi-row
    `executemany` per table (or psycopg pipeline mode) — that leans on DBOS internals — or
    **file lazily**: write the N requests to an application table (`batch_requests`, one
@@ -101,16 +115,22 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
    keeps `workflow_status` small and the batch workflow's memory flat (next item)."""
     )
 
-    slope = big_pg.get("rss_slope_kib_per_1k_children")
+    # As in section 4: the slope of the Postgres run that enqueued more children.
+    pg_runs = sorted(
+        (f for f in fo.get("filing", []) if f["backend"] == "postgres"),
+        key=lambda f: f["enqueued"],
+        reverse=True,
+    )
+    slope = pg_runs[0].get("rss_slope_kib_per_1k_children") if pg_runs else None
+    slope_run = f"the {pg_runs[0]['enqueued']:,}-child run" if pg_runs else "?"
     items.append(
         f"""**Do not hold one handle and one checkpointed `get_result` per child** —
    `workflows.py`, `run_batch`. The batch workflow keeps a `deque` of N handles and then
    calls `handle.get_result()` on each in turn: memory grows with N (RSS slope
-   {_num(slope)} KiB per 1,000 children on Postgres, on top of the N user IDs held three times:
-   the CLI's list, the pickled workflow input and its unpickled copy in the workflow), and
+   {_num(slope)} KiB per 1,000 children in {slope_run} on Postgres, on top of the
+   user-ID list in the CLI, in the pickled workflow input and in its unpickled copy), and
    every `get_result` is a recorded step (one more system-database write per request, and a
-   poll every `poll_interval` while the child runs). In the throughput profile the batch
-   workflow's thread took {_role(prof_pg, 'batch workflow'):.0f}% of the worker's samples. Wait for the batch
+   poll every `poll_interval` while the child runs).{f" In the throughput profile the batch workflow's thread took {_role(prof_pg, 'batch workflow'):.0f}% of the worker's samples." if profiled else ""} Wait for the batch
    in bulk instead: poll `count(*)` of `accesses`/`errors` by `batch_id` (indexed) or
    `DBOS.list_workflows(workflow_id_prefix=f"req-{{batch}}-", status=...)` once per poll
    interval, and fetch individual results only for provider outcomes that need a retry
@@ -137,13 +157,12 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
    request queue polls every `poll_interval` (0.1 s) with 10 in flight, and a finished
    request's slot is refilled only at the next poll. Measured: 1 worker
    {_num(pg1.get('rate_median'), '{:.1f}')} req/s, 2 workers {_num(pg2.get('rate_median'), '{:.1f}')}, 4 workers
-   {_num(pg4.get('rate_median'), '{:.1f}')} on Postgres; the probe with `ACCESSCTL_CONCURRENCY=50` and
-   `ACCESSCTL_POLL_INTERVAL=0.02` gave {_num(tuned.get('rate'), '{:.1f}')} req/s. More workers do not add throughput
-   on this 2-core machine: the machine is CPU-saturated (median
-   {_num((pg1.get('machine_busy_median') or 0) * 100)}% busy with one worker), the worker's own CPU is the
-   larger share, and Postgres's sessions mostly wait on the client (`idle in transaction:Client`),
-   not on locks. So the per-request Python work in DBOS (checkpoints, status updates, the
-   dequeue transaction, SQLAlchemy compilation) is the bottleneck, and the changes above
+   {_num(pg4.get('rate_median'), '{:.1f}')} on Postgres (medians){f"; the probe with `ACCESSCTL_CONCURRENCY=50` and `ACCESSCTL_POLL_INTERVAL=0.02` gave {tuned['rate']:.1f} req/s" if tuned else ""}.
+   With one worker this 2-core machine was {_num((pg1.get('machine_busy_median') or 0) * 100)}% busy (the worker {_num((pg1.get('worker_cpu_util_median') or 0) * 100)}% of a core, the Postgres processes
+   serving it {_num((pg1.get('pg_backend_cpu_util_median') or 0) * 100)}%), and Postgres's sessions mostly
+   wait on the client (`idle in transaction:Client`), not on locks. So the per-request work
+   (DBOS's checkpoints, status updates and dequeue transactions, each a round trip with
+   SQLAlchemy/psycopg Python around it) is the bottleneck, and the changes above
    (fewer statements per request and per child) are what move it; a higher default
    concurrency and a 0.01–0.02 s poll when no limiter is configured remove the polling
    ceiling (10 per 0.1 s per process). Beyond that, ≥150 requests/s on 2 cores needs fewer
@@ -151,15 +170,17 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
    (and no provider) is configured, each chunk one transaction."""
     )
 
-    items.append(
-        """**Shutdown always sleeps ≥ 1 s** — `runtime.py`, `executing_runtime` (finally
+    shutdown = max((p.get("shutdown_s", 0) for p in phases.values()), default=0)
+    if shutdown >= 0.8:
+        items.append(
+            f"""**Shutdown always sleeps ≥ 1 s** — `runtime.py`, `executing_runtime` (finally
    block). `DBOS.destroy(workflow_completion_timeout_sec=N)` with N > 0 runs
    `time.sleep(1)` before it first checks for active workflows (`dbos/_dbos.py`,
    `_destroy`), so every `submit`, `batch` and `worker --burst` exits ≥ 1 s after its work is
-   done (py-spy: 1.0 s of a 3.7-s `submit` in `DBOS._destroy`). Wait for this process's
-   in-flight requests with accessctl's own short poll (e.g. 0.05 s, up to
+   done (measured: {shutdown:.2f} s from the batch's end to the process's exit). Wait for this
+   process's in-flight requests with accessctl's own short poll (e.g. 0.05 s, up to
    `shutdown_grace`), then call `DBOS.destroy(workflow_completion_timeout_sec=0)`."""
-    )
+        )
 
     items.append(
         f"""**A fresh database waits out DBOS's 1-s queue discovery** — `runtime.py`,
@@ -167,11 +188,13 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
    queue manager looks for new queues only once a second (`dbos/_queue.py`,
    `check_interval = 1.0`), so on a database whose queues are not registered yet (a fresh
    embedded database, or after `batch --detach` on a fresh Postgres) the batch workflow sits
-   ENQUEUED ~1.1 s before it starts (measured on a fresh `submit`). Register both queues in
+   ENQUEUED {_num(_get(phases, 'fresh', 'queue_wait_s'), '{:.2f}')} s before it starts on a fresh database, against
+   {_num(_get(phases, 'existing', 'queue_wait_s'), '{:.2f}')} s on an existing one (section 5). Register both queues in
    the system database before launch — `DBOSClient.register_queue(...)` exists for that —
-   e.g. at the end of `schema.migrate`, so their threads start at launch. With the previous
-   item this takes ~2 s off a fresh `submit` ({_num(fresh, '{:.2f}')} s median measured; an existing
-   database: {_num(warm, '{:.2f}')} s)."""
+   e.g. at the end of `schema.migrate`, so their threads start at launch. That takes the
+   difference off a fresh `submit` ({_num(fresh, '{:.2f}')} s median measured; an existing database:
+   {_num(warm, '{:.2f}')} s); the rest is start-up (imports and DBOS launch,
+   {_num(_get(phases, 'fresh', 'startup_s'), '{:.2f}')} s before the batch workflow existed)."""
     )
 
     items.append(
@@ -186,9 +209,9 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
    `SELECT version_num FROM alembic_version` against a `SCHEMA_HEAD` constant (a unit test
    pins it to Alembic's head), so Alembic is imported only by `migrate`; define the tables
    the read commands query as Core `sa.Table`s in a module that does not import
-   `sqlalchemy.orm`; and configure structlog lazily. On a quiet machine that should bring
-   `errors` near the 0.5-s target; under this shared machine's load, SQLAlchemy + psycopg
-   alone cost most of it."""
+   `sqlalchemy.orm`; and configure structlog lazily. The ORM models and Alembic account for
+   up to {_num(saved * 1000)} ms of the {_num((err_time or 0) * 1000)} ms here, which would bring `errors` to
+   ~{_num(((err_time or 0) - saved) * 1000)} ms on this machine (SQLAlchemy core and psycopg stay)."""
     )
 
     body = "\n\n".join(f"{i}. {text}" for i, text in enumerate(items, 1))
