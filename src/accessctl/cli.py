@@ -92,8 +92,7 @@ def handles_errors(func: F) -> F:
             structlog.get_logger("accessctl").debug("internal error", exc_info=exc)
             detail = describe_db_error(exc, url=url)[:200] if str(exc).strip() else ""
             raise fail(
-                f"internal error: {type(exc).__name__}: {detail} "
-                "(rerun with -v for the traceback)",
+                f"internal error: {type(exc).__name__}: {detail} (rerun with -v for the traceback)",
                 int(ExitCode.CONFIG),
             ) from None
 
@@ -297,6 +296,24 @@ OutputOption = Annotated[
 ]
 
 
+def _list(
+    ctx: typer.Context,
+    output: str | None,
+    as_json: bool,
+    fetch: Callable[[Any], list[dict[str, Any]]],
+    table: Callable[[Any], None],
+    id_field: str = "id",
+) -> None:
+    """Every listing command: pick the format, read on a checked database, emit."""
+    from accessctl.render import emit
+    from accessctl.runtime import database
+
+    fmt = _output(output, as_json)
+    with database(_settings(ctx)) as engine:
+        rows = fetch(engine)
+    emit(rows, fmt, id_field=id_field, table=table)
+
+
 def _output(output: str | None, as_json: bool) -> str:
     from accessctl.render import OUTPUT_FORMATS
 
@@ -433,14 +450,15 @@ def errors(
 ) -> None:
     """Recorded failures, newest first."""
     from accessctl.queries import list_errors
-    from accessctl.render import emit, print_errors
-    from accessctl.runtime import database
+    from accessctl.render import print_errors
 
-    fmt = _output(output, as_json)
-    settings = _settings(ctx)
-    with database(settings) as engine:
-        rows = list_errors(engine, batch=batch, since=since, limit=limit)
-    emit(rows, fmt, id_field="id", table=print_errors)
+    _list(
+        ctx,
+        output,
+        as_json,
+        lambda engine: list_errors(engine, batch=batch, since=since, limit=limit),
+        print_errors,
+    )
 
 
 @app.command(epilog="Example: accessctl status --json")
@@ -492,13 +510,16 @@ def batches(
 ) -> None:
     """Recent batches, newest first: counts and state (running, done, interrupted)."""
     from accessctl.queries import list_batches
-    from accessctl.render import emit, print_batches
-    from accessctl.runtime import database
+    from accessctl.render import print_batches
 
-    fmt = _output(output, as_json)
-    with database(_settings(ctx)) as engine:
-        rows = list_batches(engine, limit=limit)
-    emit(rows, fmt, id_field="batch_id", table=print_batches)
+    _list(
+        ctx,
+        output,
+        as_json,
+        lambda engine: list_batches(engine, limit=limit),
+        print_batches,
+        id_field="batch_id",
+    )
 
 
 @app.command(epilog="Example: accessctl retry 5769fa06-... --dry-run")
@@ -687,13 +708,9 @@ def users_list(
 ) -> None:
     """List users, newest first."""
     from accessctl.queries import list_users
-    from accessctl.render import emit, print_users
-    from accessctl.runtime import database
+    from accessctl.render import print_users
 
-    fmt = _output(output, as_json)
-    with database(_settings(ctx)) as engine:
-        rows = list_users(engine, limit=limit)
-    emit(rows, fmt, id_field="id", table=print_users)
+    _list(ctx, output, as_json, lambda engine: list_users(engine, limit=limit), print_users)
 
 
 # --- accesses -------------------------------------------------------------------------------
@@ -713,13 +730,15 @@ def accesses_list(
 ) -> None:
     """List accesses, newest first."""
     from accessctl.accesses import list_accesses
-    from accessctl.render import emit, print_accesses
-    from accessctl.runtime import database
+    from accessctl.render import print_accesses
 
-    fmt = _output(output, as_json)
-    with database(_settings(ctx)) as engine:
-        rows = list_accesses(engine, status=status, user=user, limit=limit)
-    emit(rows, fmt, id_field="id", table=print_accesses)
+    _list(
+        ctx,
+        output,
+        as_json,
+        lambda engine: list_accesses(engine, status=status, user=user, limit=limit),
+        print_accesses,
+    )
 
 
 def _transition(ctx: typer.Context, access_ids: list[str], target: str) -> None:
