@@ -74,13 +74,21 @@ def record_batch(engine: sa.Engine, request: BatchRequest) -> None:
     total = len(request.user_ids) + len(request.invalid)
     bid = uuid.UUID(request.batch_id)
     retry_of = uuid.UUID(request.retry_of) if request.retry_of else None
-    with engine.begin() as conn:
-        if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
-            conn.execute(
-                sa.insert(Batch).values(
-                    id=bid, key=request.key, total=total, retry_of=retry_of, created_at=utcnow()
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with engine.begin() as conn:
+            if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
+                conn.execute(
+                    sa.insert(Batch).values(
+                        id=bid, key=request.key, total=total, retry_of=retry_of, created_at=utcnow()
+                    )
                 )
-            )
+    except IntegrityError:
+        # A concurrent run with the same key recorded it first: the same batch, attach.
+        with engine.connect() as conn:
+            if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
+                raise
 
 
 def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchRequest) -> str:
