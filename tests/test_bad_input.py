@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from typer.testing import Result
 
 from accessctl.errors import ExitCode
-from accessctl.schema import head_revision
+from accessctl.schema import SCHEMA_HEAD, head_revision
 from conftest import ACCESSCTL_BIN, POSTGRES_URL, SEED, Cli
 from pgfakes import BlackHole
 
@@ -581,6 +581,11 @@ def test_ten_concurrent_migrates_bring_the_schema_to_head_once(fresh_cli: Cli) -
     assert fresh_cli.scalar(f"SELECT count(*) FROM {fresh_cli.workflow_table}") == 0
     # And the result is usable.
     assert fresh_cli.json("errors", "--json") == []
+
+
+def test_schema_head_constant_is_the_newest_migration() -> None:
+    # Commands compare the database's revision with SCHEMA_HEAD instead of loading Alembic.
+    assert head_revision() == SCHEMA_HEAD
 
 
 # --- 6. exit codes --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -134,6 +135,45 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(cli: Cli, point: str) ->
     )
     assert pending == 0
     assert max_starts_in_window(request_starts(cli) + crashed_starts, PERIOD) <= LIMIT
+
+
+def writing_now(cli: Cli) -> bool:
+    """Whether another process holds an open write transaction on the database."""
+    if cli.database_url.startswith("sqlite"):
+        conn = sqlite3.connect(cli.database_url.split(":///", 1)[1], timeout=0)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True  # someone holds the write lock
+        finally:
+            conn.close()
+    busy = cli.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
+    )
+    return bool(busy)
+
+
+def test_kill_9_while_filing_leaves_the_whole_batch_or_none(cli: Cli) -> None:
+    n = 30_000
+    args = ["batch", str(n), "--key", "filing-kill", "--detach"]
+    proc = cli.popen(*args)
+    wait_for(lambda: writing_now(cli), timeout=60, what="the filing transaction")
+    proc.kill()
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    # Killed inside the one filing transaction: nothing of the batch exists.
+    assert cli.scalar("SELECT count(*) FROM batches") == 0
+    assert cli.scalar(f"SELECT count(*) FROM {cli.workflow_table}") == 0
+    # The same command files it whole, once.
+    again = cli.run(*args)
+    assert again.returncode == 0, again.stderr
+    assert cli.scalar("SELECT count(*) FROM batches") == 1
+    assert (
+        cli.scalar(f"SELECT count(*) FROM {cli.workflow_table} WHERE status = 'ENQUEUED'") == n + 1
+    )
 
 
 def test_same_key_twice_concurrently_files_one_batch(cli: Cli) -> None:

@@ -107,13 +107,17 @@ def test_prune_removes_finished_work_and_keeps_running_work(cli: Cli) -> None:
     assert cli.scalar("SELECT count(*) FROM errors") == 0
     assert cli.scalar("SELECT count(*) FROM accesses") == 1  # accesses are never pruned
     remaining = cli.rows(f"SELECT workflow_uuid, status FROM {cli.workflow_table}")
-    assert [tuple(r) for r in remaining] == [(f"batch-{queued}", "ENQUEUED")]
+    # The queued batch was filed with its request: both stay, untouched.
+    kept = {f"batch-{queued}": "ENQUEUED", f"req-{queued}-0000000": "ENQUEUED"}
+    assert {r[0]: r[1] for r in remaining} == kept
     prefix = "" if cli.database_url.startswith("sqlite") else "dbos."
     from accessctl.prune import KEYED_BY_WORKFLOW
 
     for table, column in KEYED_BY_WORKFLOW:
         orphans = cli.scalar(
-            f"SELECT count(*) FROM {prefix}{table} WHERE {column} <> :keep", keep=f"batch-{queued}"
+            f"SELECT count(*) FROM {prefix}{table} WHERE {column} NOT IN (:a, :b)",
+            a=f"batch-{queued}",
+            b=f"req-{queued}-0000000",
         )
         assert orphans == 0, table
     nothing = cli.json("prune", "--older-than", "30d", "--json")

@@ -2,8 +2,8 @@
 
 A batch is identified by its batch ID; with ``--key`` the ID is derived from the key, so a
 second invocation with the same key (even a concurrent one) attaches to the first batch
-instead of filing another: DBOS starts a workflow ID once and hands later callers the
-existing workflow.
+instead of filing another: the ``batches`` row is written once, in the same transaction as
+the batch's workflows (``filing.py``), and the loser of a race attaches.
 """
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.errors import ExitCode, Interrupted, UsageError
+from accessctl.errors import BatchFailed, ExitCode, Interrupted, UsageError
 from accessctl.inputs import InvalidInput
-from accessctl.models import utcnow
-from accessctl.settings import APP_NAME, Settings
+from accessctl.settings import Settings
 from accessctl.workflows import (
-    BATCH_QUEUE_NAME,
-    PROGRESS_EVENT,
-    WORKFLOW_VERSION,
+    BatchIncomplete,
     Summary,
     batch_id_for_key,
     batch_workflow_id,
-    run_batch,
+    follow_interval,
+    outcome_counts,
 )
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
+    from dbos import DBOSClient, WorkflowHandle
 
 log = structlog.get_logger(__name__)
 
@@ -52,68 +51,31 @@ class BatchRequest:
         if not self.batch_id:
             self.batch_id = batch_id_for_key(self.key) if self.key else str(uuid.uuid4())
 
-    def workflow_args(
-        self, settings: Settings
-    ) -> tuple[str, str | None, list[str], list[dict[str, Any]], dict[str, float], str | None]:
-        # The retry policy travels with the batch, so every replay decides alike.
-        retry = {
-            "max_attempts": float(settings.provider_max_attempts),
-            "deadline": settings.provider_deadline,
-        }
-        invalid = [i.as_dict() for i in self.invalid]
-        return (self.batch_id, self.key, self.user_ids, invalid, retry, self.retry_of)
 
-
-def record_batch(engine: sa.Engine, request: BatchRequest) -> None:
-    """Record the batch before its workflow exists, so `batches` and `status` show it at
-    once (the workflow's own record step is idempotent)."""
-    import sqlalchemy as sa
-
-    from accessctl.models import Batch
-
-    total = len(request.user_ids) + len(request.invalid)
-    bid = uuid.UUID(request.batch_id)
-    retry_of = uuid.UUID(request.retry_of) if request.retry_of else None
-    from sqlalchemy.exc import IntegrityError
-
-    try:
-        with engine.begin() as conn:
-            if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
-                conn.execute(
-                    sa.insert(Batch).values(
-                        id=bid, key=request.key, total=total, retry_of=retry_of, created_at=utcnow()
-                    )
-                )
-    except IntegrityError:
-        # A concurrent run with the same key recorded it first: the same batch, attach.
-        with engine.connect() as conn:
-            if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
-                raise
+def retry_policy(settings: Settings) -> dict[str, float]:
+    """The provider retry policy, fixed into every request when its batch is filed, so
+    every replay decides alike."""
+    return {
+        "max_attempts": float(settings.provider_max_attempts),
+        "deadline": settings.provider_deadline,
+    }
 
 
 def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchRequest) -> str:
     """File the batch durably without executing it here: a worker or the next run does."""
-    from dbos import DBOSClient
+    from accessctl.filing import file_batch
+    from accessctl.runtime import filing_client
 
-    client = DBOSClient(
-        system_database_engine=engine if settings.is_sqlite else None,
-        system_database_url=None if settings.is_sqlite else settings.database_url,
-        application_name=APP_NAME,
-    )
-    record_batch(engine, request)
+    client = filing_client(settings, engine)
     try:
-        client.enqueue(
-            {
-                "queue_name": BATCH_QUEUE_NAME,
-                "workflow_name": "accessctl.run_batch",
-                "workflow_id": batch_workflow_id(request.batch_id),
-                "app_version": WORKFLOW_VERSION,
-            },
-            *request.workflow_args(settings),
-        )
+        filed = file_batch(client, request, retry_policy(settings))
     finally:
         client.destroy()
-    log.info("batch filed for workers", batch_id=request.batch_id, key=request.key)
+    log.info(
+        "batch filed for workers" if filed else "batch already filed",
+        batch_id=request.batch_id,
+        key=request.key,
+    )
     return request.batch_id
 
 
@@ -121,40 +83,68 @@ def run_attached(
     request: BatchRequest,
     settings: Settings,
     engine: sa.Engine,
+    client: DBOSClient,
     *,
     poll_interval: float,
     stop: threading.Event,
     stop_reason: Callable[[], ExitCode],
     on_progress: Callable[[dict[str, Any]], None],
 ) -> Summary:
-    """Enqueue the batch (or attach to the one its key names) and follow it to the end.
+    """File the batch (or attach to the one its key names) and follow it to the end.
 
     ``stop`` is set by a signal: we stop waiting, and the runtime's shutdown lets in-flight
     requests finish; the batch itself stays durable and resumes with the next run."""
-    from dbos import DBOS, SetWorkflowID
+    from dbos import DBOS
+    from dbos._error import DBOSNonExistentWorkflowError
+
+    from accessctl.filing import file_batch
 
     batch_id = request.batch_id
-    workflow_id = batch_workflow_id(batch_id)
-    queue = DBOS.retrieve_queue(BATCH_QUEUE_NAME)
-    assert queue is not None
-    record_batch(engine, request)
-    with SetWorkflowID(workflow_id):
-        handle = queue.enqueue(run_batch, *request.workflow_args(settings))
-    log.info("batch filed", batch_id=batch_id, key=request.key, total=len(request.user_ids))
+    total = len(request.user_ids) + len(request.invalid)
+    filed = file_batch(client, request, retry_policy(settings))
+    log.info(
+        "batch filed" if filed else "attached to the batch already filed",
+        batch_id=batch_id,
+        key=request.key,
+        total=total,
+    )
+    try:
+        handle: WorkflowHandle[Summary] = DBOS.retrieve_workflow(batch_workflow_id(batch_id))
+    except DBOSNonExistentWorkflowError:
+        # Attached to a batch whose records were pruned: it finished; report its rows.
+        recorded, failed = outcome_counts(engine, batch_id)
+        return {
+            "batch_id": batch_id,
+            "key": request.key,
+            "total": recorded + failed,
+            "recorded": recorded,
+            "failed": failed,
+        }
+    interval = follow_interval(poll_interval, total)
     last: dict[str, Any] | None = None
     while True:
         status = handle.get_status().status
-        progress = DBOS.get_event(workflow_id, PROGRESS_EVENT, timeout_seconds=0)
-        if progress is not None and progress != last:
+        recorded, failed = outcome_counts(engine, batch_id)
+        progress = {
+            "batch_id": batch_id,
+            "total": total,
+            "done": recorded + failed,
+            "recorded": recorded,
+            "failed": failed,
+        }
+        if progress != last:
             on_progress(progress)
             last = progress
         if status in TERMINAL:
             break
-        if stop.wait(poll_interval):
+        if stop.wait(interval):
             raise Interrupted(
                 f"interrupted; batch {batch_id} is durable and resumes with the next run "
                 "or any `accessctl worker`",
                 stop_reason(),
             )
-    summary: Summary = handle.get_result()
+    try:
+        summary: Summary = handle.get_result()
+    except BatchIncomplete as exc:
+        raise BatchFailed(str(exc)) from None
     return summary

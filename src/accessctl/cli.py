@@ -262,6 +262,7 @@ def _file(
                 request,
                 settings,
                 runtime.engine,
+                runtime.client,
                 poll_interval=runtime.settings.poll_interval,
                 stop=stop,
                 stop_reason=reason,

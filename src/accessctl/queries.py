@@ -100,8 +100,9 @@ def batch_status(engine: sa.Engine, batch_id: str | None) -> dict[str, Any]:
     return {**batch, "done": batch["recorded"] + batch["failed"]}
 
 
-def _batch_state(workflow_status: str | None, executor_alive: bool | None) -> str:
-    if workflow_status == "SUCCESS":
+def _batch_state(workflow_status: str | None, executor_alive: bool | None, done: bool) -> str:
+    if workflow_status == "SUCCESS" or (workflow_status is None and done):
+        # No workflow but every row written: the batch's records were pruned.
         return "done"
     if workflow_status in ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"):
         return "failed"
@@ -184,7 +185,11 @@ def list_batches(
                 "total": b.total,
                 "recorded": recorded.get(b.id, 0),
                 "failed": failed.get(b.id, 0),
-                "state": _batch_state(status, alive.get(str(executor)) if executor else None),
+                "state": _batch_state(
+                    status,
+                    alive.get(str(executor)) if executor else None,
+                    recorded.get(b.id, 0) + failed.get(b.id, 0) >= b.total,
+                ),
                 "retry_of": str(b.retry_of) if b.retry_of else None,
             }
         )

@@ -23,7 +23,7 @@ from accessctl.settings import APP_NAME, Settings
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
-    from dbos import Queue
+    from dbos import DBOSClient, Queue
 
     from accessctl.provider import ProviderConfig
 
@@ -36,6 +36,7 @@ class Runtime:
     engine: sa.Engine
     executor_id: str
     queue: Queue
+    client: DBOSClient
 
 
 def open_engine(settings: Settings) -> sa.Engine:
@@ -163,6 +164,52 @@ def queue_polling_interval(settings: Settings) -> float:
     return min(settings.poll_interval, max(0.02, settings.rate_limit.period / 50))
 
 
+def queue_window(settings: Settings, provider: ProviderConfig | None) -> float | None:
+    """The request queue's limiter period: the configured one widened by the provider's
+    call slack (see workflows.call_provider_step for why calls then respect the limit)."""
+    if settings.rate_limit is None:
+        return None
+    return settings.rate_limit.period + (provider.call_slack if provider else 0.0)
+
+
+def filing_client(settings: Settings, engine: sa.Engine) -> DBOSClient:
+    """A DBOS client on our engine (its pool, and on SQLite its exact clock)."""
+    from dbos import DBOSClient
+
+    return DBOSClient(
+        system_database_engine=engine,
+        dbos_system_schema=None if settings.is_sqlite else "dbos",
+        application_name=APP_NAME,
+        lazy=True,
+    )
+
+
+def register_queues(
+    client: DBOSClient, settings: Settings, provider: ProviderConfig | None
+) -> None:
+    from accessctl import workflows
+
+    window = queue_window(settings, provider)
+    limiter = (
+        {"limit": settings.rate_limit.limit, "period": window}
+        if settings.rate_limit and window is not None
+        else None
+    )
+    client.register_queue(
+        workflows.QUEUE_NAME,
+        limiter=limiter,  # type: ignore[arg-type]
+        global_concurrency=settings.concurrency,
+        worker_concurrency=settings.concurrency,
+        polling_interval_sec=queue_polling_interval(settings),
+        on_conflict="always_update",
+    )
+    client.register_queue(
+        workflows.BATCH_QUEUE_NAME,
+        polling_interval_sec=settings.poll_interval,
+        on_conflict="always_update",
+    )
+
+
 @contextlib.contextmanager
 def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     """Launch DBOS in this process as an executor of the access-request queue."""
@@ -176,6 +223,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     engine = open_engine(settings)
     lease = None
     adopter = None
+    client = None
     launched = False
     try:
         ensure_schema(engine, auto_create=settings.is_sqlite)
@@ -192,6 +240,10 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         provider = provider_config(settings)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
         bound = workflows.bind(datasource, settings.poll_interval, provider)
+        client = filing_client(settings, engine)
+        # Registered before launch, so DBOS starts polling both queues at once instead of
+        # discovering them on its next scan (a second later).
+        register_queues(client, settings, provider)
         try:
             DBOS.launch()
         except DBOSInitializationError as exc:
@@ -200,38 +252,18 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
                 f"({str(exc).splitlines()[0][:200]}); run `accessctl migrate`"
             ) from None
         launched = True
-        limiter = None
-        if settings.rate_limit:
-            # With a provider, the window is widened by the call slack: see
-            # workflows.call_provider_step for why calls then respect the limit.
-            slack = provider.call_slack if provider else 0.0
-            limiter = {
-                "limit": settings.rate_limit.limit,
-                "period": settings.rate_limit.period + slack,
-            }
-        queue = DBOS.register_queue(
-            workflows.QUEUE_NAME,
-            limiter=limiter,  # type: ignore[arg-type]
-            global_concurrency=settings.concurrency,
-            worker_concurrency=settings.concurrency,
-            polling_interval_sec=queue_polling_interval(settings),
-            on_conflict="always_update",
-        )
-        DBOS.register_queue(
-            workflows.BATCH_QUEUE_NAME,
-            polling_interval_sec=settings.poll_interval,
-            on_conflict="always_update",
-        )
+        queue = DBOS.retrieve_queue(workflows.QUEUE_NAME)
+        assert queue is not None
         bound.set_queue(queue)
         adopter = Adopter(
             lease,
             workflows.WORKFLOW_VERSION,
             limited_queue=workflows.QUEUE_NAME,
-            period=float(limiter["period"]) if limiter else None,
+            period=queue_window(settings, provider),
         )
         adopter.start()
         log.debug("runtime up", executor=executor_id, rate_limit=str(settings.rate_limit))
-        yield Runtime(settings, engine, executor_id, queue)
+        yield Runtime(settings, engine, executor_id, queue, client)
     finally:
         if adopter is not None:
             adopter.stop()
@@ -242,6 +274,8 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             with contextlib.suppress(Exception):
                 DBOS.destroy()
         workflows.unbind()
+        if client is not None:
+            client.destroy()
         if lease is not None:
             lease.release()
         engine.dispose()

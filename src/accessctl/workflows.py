@@ -1,10 +1,11 @@
 """Every durable workflow, transaction and the queue they run on.
 
-A batch is one ``run_batch`` workflow. It records the batch, then enqueues one
-``file_request`` workflow per requested user onto the rate-limited queue, publishes its
-progress as a DBOS event and returns a summary. Each request writes exactly one
-``accesses`` row or exactly one ``errors`` row, in one database transaction whose result
-DBOS checkpoints in the same transaction, so no replay ever writes twice.
+A batch is filed in one transaction (``filing.py``): its ``batches`` row, one queued
+``file_request`` workflow per request and one ``run_batch`` workflow that follows the batch
+to its end. Each request writes exactly one ``accesses`` row or exactly one ``errors`` row,
+in one database transaction whose result DBOS checkpoints in the same transaction, so no
+replay ever writes twice. A provider attempt that must be retried enqueues the next attempt
+itself, through the same rate-limited queue.
 
 Workflows print nothing and return plain data. Importing this module registers the
 functions with DBOS but touches no database: the runtime binds the datasource and the
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
-from collections import deque
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 
 from accessctl.db import describe_db_error, sqlstate_of
-from accessctl.models import Access, AccessStatus, Batch, Error, User
+from accessctl.models import Access, AccessStatus, Error, User
 
 if TYPE_CHECKING:
     from dbos import Queue, SQLAlchemyDatasource
@@ -35,10 +36,9 @@ if TYPE_CHECKING:
 # workflow only fans out and waits.
 QUEUE_NAME = "access-requests"
 BATCH_QUEUE_NAME = "access-batches"
-PROGRESS_EVENT = "progress"
 # Pinned, so that work left by a crash is recovered by the next release too. Bump it only
 # when a workflow's steps change in a way an in-flight workflow could not replay.
-WORKFLOW_VERSION = "accessctl-wf-2"
+WORKFLOW_VERSION = "accessctl-wf-3"
 
 # Transient database faults inside a request are retried this many times, with backoff,
 # before the request is recorded as failed (DBOS already retries serialization failures).
@@ -52,15 +52,6 @@ class Summary(TypedDict):
     batch_id: str
     key: str | None
     total: int
-    recorded: int
-    failed: int
-
-
-class Progress(TypedDict):
-    batch_id: str
-    total: int
-    enqueued: int
-    done: int
     recorded: int
     failed: int
 
@@ -125,6 +116,11 @@ def request_workflow_id(batch_id: str, index: int) -> str:
     return f"req-{batch_id}-{index:07d}"
 
 
+def invalid_input_id(batch_id: str, index: int) -> str:
+    """The ``errors.request_id`` of a batch's refused input line, by its position."""
+    return f"invalid-{batch_id}-{index:07d}"
+
+
 def batch_id_for_key(key: str) -> str:
     """A key names its batch: the same key always maps to the same batch ID."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"accessctl:batch-key:{key}"))
@@ -153,33 +149,6 @@ def error_message(
 
 
 # --- transactions (each one database transaction, checkpointed with its result) ----------
-
-
-def _create_batch_record(
-    batch_id: str, key: str | None, total: int, retry_of: str | None = None
-) -> None:
-    session = _runtime().datasource.sql_session()
-    if session.get(Batch, uuid.UUID(batch_id)) is None:
-        parent = uuid.UUID(retry_of) if retry_of else None
-        session.add(Batch(id=uuid.UUID(batch_id), key=key, total=total, retry_of=parent))
-
-
-def _record_invalid_inputs(batch_id: str, invalid: list[dict[str, Any]]) -> None:
-    session = _runtime().datasource.sql_session()
-    for index, item in enumerate(invalid):
-        # Keyed by position in the batch's input: two sources can share a line number.
-        request_id = f"invalid-{batch_id}-{index:07d}"
-        if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is None:
-            message = error_message(
-                batch_id=batch_id,
-                request_id=None,
-                user_id=None,
-                error_class="InvalidUserId",
-                detail=item["reason"],
-                input=item["text"][:200],
-                line=item["line"],
-            )
-            session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
 
 
 def _existing_outcome(session: Session, request_id: str) -> str | None:
@@ -335,42 +304,107 @@ def _database_failure(request_id: str, batch_id: str, user_id: str, exc: BaseExc
     )
 
 
+def _jitter(request_id: str, attempt: int) -> float:
+    """Deterministic jitter in [0, 1): a replay schedules the same retry."""
+    digest = hashlib.sha256(f"{request_id}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32
+
+
+def _enqueue_next(
+    batch_id: str,
+    user_id: str,
+    request_id: str,
+    attempt: int,
+    retry: dict[str, float],
+    tries: int,
+    waited: float,
+    delay: float,
+) -> None:
+    """Send this request through the rate-limited queue again, as a new workflow (each
+    try has its own ID; the request keeps ``request_id``). Enqueuing is a checkpointed
+    step of this workflow, so a replay does not enqueue twice."""
+    options = SetEnqueueOptions(delay_seconds=delay) if delay > 0 else SetEnqueueOptions()
+    with SetWorkflowID(f"{request_id}.t{tries + 1}"), options:
+        _runtime().queue.enqueue(
+            file_request, batch_id, user_id, request_id, attempt, retry, tries + 1, waited
+        )
+
+
+def _provider_attempt(
+    batch_id: str,
+    user_id: str,
+    rid: str,
+    attempt: int,
+    retry: dict[str, float],
+    tries: int,
+    waited: float,
+) -> str:
+    """One provider attempt: its outcome, or ``"requeued"`` once the next try is queued."""
+    from accessctl.provider import backoff_seconds
+
+    state = _run_tx("check_request", _check_request, rid, batch_id, user_id)
+    if state != "ready":
+        return str(state)
+    answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
+    outcome = answer["outcome"]
+    if outcome in ("approved", "rejected", "requested"):
+        return str(_run_tx("record_access", _record_access, rid, batch_id, user_id, outcome))
+    if outcome == "late":
+        # Admitted but not called in time: no provider attempt was spent.
+        _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0)
+        return "requeued"
+    if outcome == "transient":
+        delay = backoff_seconds(attempt, answer.get("retry_after"), _jitter(rid, attempt))
+        if attempt < retry["max_attempts"] and waited + delay <= retry["deadline"]:
+            _enqueue_next(batch_id, user_id, rid, attempt + 1, retry, tries, waited + delay, delay)
+            return "requeued"
+        message = error_message(
+            batch_id=batch_id,
+            request_id=rid,
+            user_id=user_id,
+            error_class="ProviderUnavailable",
+            detail=f"gave up after {attempt} attempt(s): {answer.get('detail') or 'no answer'}",
+            http_status=answer.get("http_status"),
+            attempt=attempt,
+        )
+    else:  # "refused"
+        message = error_message(
+            batch_id=batch_id,
+            request_id=rid,
+            user_id=user_id,
+            error_class="ProviderRefused",
+            detail=answer["detail"],
+            http_status=answer["http_status"],
+            attempt=attempt,
+        )
+    return str(_run_tx("record_error", _record_error, rid, batch_id, message))
+
+
 @DBOS.workflow(name="accessctl.file_request", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
 def file_request(
-    batch_id: str, user_id: str, request_id: str | None = None, attempt: int = 1
+    batch_id: str,
+    user_id: str,
+    request_id: str | None = None,
+    attempt: int = 1,
+    retry: dict[str, float] | None = None,
+    tries: int = 1,
+    waited: float = 0.0,
 ) -> dict[str, Any]:
-    """One attempt at one access request; this is what the rate limiter admits.
+    """One try at one access request; this is what the rate limiter admits.
 
     Without a provider it records the request. With one, it calls the provider once and
-    records the outcome, or returns ``{"outcome": "transient", ...}`` for the batch to
-    schedule the next attempt through the queue. ``request_id`` is the request's durable
-    ID (the first attempt's workflow ID): its idempotency key and its row's key."""
+    records the outcome, or queues the next try (``"requeued"``). ``request_id`` is the
+    request's durable ID (the first try's workflow ID): its idempotency key and its row's
+    key. ``retry`` (``max_attempts``, ``deadline`` seconds) was fixed when the batch was
+    filed, so every replay decides alike; ``waited`` is the backoff spent so far."""
     rid = request_id or DBOS.workflow_id
     assert rid is not None
-    provider = _runtime().provider
+    policy = retry or {"max_attempts": 1, "deadline": 0.0}
     try:
-        if provider is None:
+        if _runtime().provider is None:
             return {"outcome": _run_tx("record_access", _record_access, rid, batch_id, user_id)}
-        state = _run_tx("check_request", _check_request, rid, batch_id, user_id)
-        if state != "ready":
-            return {"outcome": state}
-        answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
-        outcome = answer["outcome"]
-        if outcome in ("approved", "rejected", "requested"):
-            recorded = _run_tx("record_access", _record_access, rid, batch_id, user_id, outcome)
-            return {"outcome": recorded}
-        if outcome == "refused":
-            message = error_message(
-                batch_id=batch_id,
-                request_id=rid,
-                user_id=user_id,
-                error_class="ProviderRefused",
-                detail=answer["detail"],
-                http_status=answer["http_status"],
-                attempt=attempt,
-            )
-            return {"outcome": _run_tx("record_error", _record_error, rid, batch_id, message)}
-        return {**answer, "attempt": attempt}
+        outcome = _provider_attempt(batch_id, user_id, rid, attempt, policy, tries, waited)
+        return {"outcome": outcome, "attempt": attempt}
     except Exception as exc:
         from sqlalchemy.exc import DBAPIError
 
@@ -379,106 +413,80 @@ def file_request(
         return {"outcome": _database_failure(rid, batch_id, user_id, exc)}
 
 
-def _jitter(request_id: str, attempt: int) -> float:
-    """Deterministic jitter in [0, 1): replays of the batch schedule the same retries."""
-    digest = hashlib.sha256(f"{request_id}:{attempt}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32
+# A batch whose count has not moved for this long is checked for requests that ended
+# without an outcome (a cancelled or crashed request workflow), so it cannot wait forever.
+STALL_CHECK_SEC = 10.0
+
+
+class BatchIncomplete(RuntimeError):
+    """Some request workflows of a batch ended without writing their row."""
+
+
+def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
+    """(recorded, failed) so far: the batch's ``accesses`` and ``errors`` rows."""
+    bid = uuid.UUID(batch_id)
+    with engine.connect() as conn:
+        recorded = conn.scalar(sa.select(sa.func.count()).where(Access.batch_id == bid))
+        failed = conn.scalar(sa.select(sa.func.count()).where(Error.batch_id == bid))
+    return int(recorded or 0), int(failed or 0)
+
+
+def _requests_without_outcome(engine: sa.Engine, batch_id: str) -> int:
+    """Request workflows of this batch that ended (failed, cancelled) without a row."""
+    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    sql = sa.text(
+        f"SELECT workflow_uuid FROM {table} WHERE status IN "
+        "('ERROR', 'CANCELLED', 'MAX_RECOVERY_ATTEMPTS_EXCEEDED') "
+        "AND queue_name = :q AND workflow_uuid LIKE :p"
+    )
+    with engine.connect() as conn:
+        ended = {
+            str(r[0]).split(".t", 1)[0]  # a retry's try suffix: the request is the same
+            for r in conn.execute(sql, {"q": QUEUE_NAME, "p": f"req-{batch_id}-%"})
+        }
+        return sum(
+            1
+            for rid in ended
+            if conn.scalar(sa.select(Access.id).where(Access.request_id == rid)) is None
+            and conn.scalar(sa.select(Error.id).where(Error.request_id == rid)) is None
+        )
 
 
 @DBOS.workflow(name="accessctl.run_batch", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
-def run_batch(
-    batch_id: str,
-    key: str | None,
-    user_ids: list[str],
-    invalid: list[dict[str, Any]] | None = None,
-    retry: dict[str, float] | None = None,
-    retry_of: str | None = None,
-) -> Summary:
-    """File one batch: a request per user ID, each attempt through the rate-limited queue.
+def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
+    """Follow one filed batch to its end and return its summary.
 
-    ``retry`` (``max_attempts``, ``deadline`` seconds) bounds provider retries; it is fixed
-    when the batch is filed, so every replay makes the same decisions."""
-    from accessctl.provider import backoff_seconds
-
+    Its requests were filed with it and run on their own; this workflow only counts
+    their rows, so it does nothing a replay could repeat. Its status is the batch's:
+    ``status``, ``batches`` and ``prune`` read it."""
     rt = _runtime()
-    invalid = invalid or []
-    retry = retry or {"max_attempts": 1, "deadline": 0.0}
-    total = len(user_ids) + len(invalid)
-    rt.datasource.run_tx_step(
-        {"name": "create_batch_record"}, _create_batch_record, batch_id, key, total, retry_of
-    )
-    if invalid:
-        rt.datasource.run_tx_step(
-            {"name": "record_invalid_inputs"}, _record_invalid_inputs, batch_id, invalid
-        )
-    # (handle, user ID, request ID, attempt, seconds of backoff so far)
-    waiting: deque[tuple[Any, str, str, int, float]] = deque()
-    for index, user_id in enumerate(user_ids):
-        request_id = request_workflow_id(batch_id, index)
-        with SetWorkflowID(request_id):
-            waiting.append(
-                (rt.queue.enqueue(file_request, batch_id, user_id), user_id, request_id, 1, 0.0)
-            )
-    tries: dict[str, int] = {}  # re-enqueues per request, for unique attempt workflow IDs
+    engine = rt.datasource.engine
+    last_done, quiet_since = -1, time.monotonic()
+    while True:
+        recorded, failed = outcome_counts(engine, batch_id)
+        if recorded + failed >= total:
+            return {
+                "batch_id": batch_id,
+                "key": key,
+                "total": total,
+                "recorded": recorded,
+                "failed": failed,
+            }
+        if recorded + failed != last_done:
+            last_done, quiet_since = recorded + failed, time.monotonic()
+        elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
+            stuck = _requests_without_outcome(engine, batch_id)
+            if stuck:
+                raise BatchIncomplete(
+                    f"{stuck} request workflow(s) of batch {batch_id} ended without an "
+                    "outcome (cancelled, or failed outside the database): see "
+                    "`dbos workflow list --status ERROR`"
+                )
+            quiet_since = time.monotonic()
+        time.sleep(follow_interval(rt.poll_interval, total))
 
-    def again(user_id: str, request_id: str, attempt: int, delay: float) -> Any:
-        tries[request_id] = tries.get(request_id, 1) + 1
-        options = SetEnqueueOptions(delay_seconds=delay) if delay > 0 else SetEnqueueOptions()
-        with SetWorkflowID(f"{request_id}.t{tries[request_id]}"), options:
-            return rt.queue.enqueue(file_request, batch_id, user_id, request_id, attempt)
 
-    progress: Progress = {
-        "batch_id": batch_id,
-        "total": total,
-        "enqueued": len(user_ids),
-        "done": len(invalid),
-        "recorded": 0,
-        "failed": len(invalid),
-    }
-    DBOS.set_event(PROGRESS_EVENT, dict(progress))
-    # About a hundred updates per batch, at deterministic points, so replays line up.
-    stride = max(1, len(user_ids) // 100)
-    while waiting:
-        handle, user_id, request_id, attempt, waited = waiting.popleft()
-        result = handle.get_result(polling_interval_sec=rt.poll_interval)
-        outcome = result["outcome"]
-        if outcome == "late":
-            # Admitted but not called in time: no provider attempt was spent.
-            waiting.append(
-                (again(user_id, request_id, attempt, 0.0), user_id, request_id, attempt, waited)
-            )
-            continue
-        if outcome == "transient":
-            delay = backoff_seconds(
-                attempt, result.get("retry_after"), _jitter(request_id, attempt)
-            )
-            if attempt < retry["max_attempts"] and waited + delay <= retry["deadline"]:
-                handle = again(user_id, request_id, attempt + 1, delay)
-                waiting.append((handle, user_id, request_id, attempt + 1, waited + delay))
-                continue
-            message = error_message(
-                batch_id=batch_id,
-                request_id=request_id,
-                user_id=user_id,
-                error_class="ProviderUnavailable",
-                detail=f"gave up after {attempt} attempt(s): {result.get('detail') or 'no answer'}",
-                http_status=result.get("http_status"),
-                attempt=attempt,
-            )
-            outcome = rt.datasource.run_tx_step(
-                {"name": "record_error"}, _record_error, request_id, batch_id, message
-            )
-        progress["done"] += 1
-        if outcome == "recorded":
-            progress["recorded"] += 1
-        else:
-            progress["failed"] += 1
-        if progress["done"] % stride == 0 or not waiting:
-            DBOS.set_event(PROGRESS_EVENT, dict(progress))
-    return {
-        "batch_id": batch_id,
-        "key": key,
-        "total": total,
-        "recorded": progress["recorded"],
-        "failed": progress["failed"],
-    }
+def follow_interval(poll_interval: float, total: int) -> float:
+    """How often a batch's counts are read: the poll interval for small batches, up to a
+    second for the largest, where each count reads more rows and a second is nothing."""
+    return min(1.0, max(poll_interval, total / 100_000))
