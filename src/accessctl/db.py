@@ -13,9 +13,8 @@ Why SQLite engines are special here (README, "How it stays correct"):
 * pysqlite opens a transaction only at the first write, so DBOS's "count recent starts"
   read runs outside the transaction that claims the work: two processes could both count
   49 and both start. ``runtime.serialize_sqlite_claims`` makes that one claim transaction
-  ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour, because taking
-  the write lock for reads would deadlock a datasource transaction against DBOS's own
-  ownership check on another connection.
+  ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour (the lock at the
+  first write), so reads never queue behind writers.
 """
 
 from __future__ import annotations
@@ -176,7 +175,14 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.create_function("unixepoch", 1, _unixepoch)
 
 
-def make_engine(url: str, *, connect_timeout: float = 5.0, create_dir: bool = False) -> sa.Engine:
+def make_engine(
+    url: str,
+    *,
+    connect_timeout: float = 5.0,
+    create_dir: bool = False,
+    pool_size: int = 3,
+    pre_ping: bool = True,
+) -> sa.Engine:
     """An engine for ``url``: exact clocks and WAL on SQLite, a
     bounded connect timeout and liveness checks on Postgres."""
     import sqlalchemy as sa
@@ -195,11 +201,12 @@ def make_engine(url: str, *, connect_timeout: float = 5.0, create_dir: bool = Fa
         return engine
     return sa.create_engine(
         url,
-        pool_pre_ping=True,
-        # Few idle connections per process: many workers share one server's
-        # max_connections. Bursts open overflow connections, closed again on return.
-        pool_size=3,
-        max_overflow=20,
+        pool_pre_ping=pre_ping,
+        # ``pool_size`` connections stay open; bursts above it open overflow connections,
+        # closed again on return. Read-only commands keep few; an executing process keeps
+        # enough for its work, since a new Postgres connection costs a server process.
+        pool_size=pool_size,
+        max_overflow=pool_size + 10,
         connect_args={
             "connect_timeout": max(1, math.ceil(connect_timeout)),
             "application_name": "accessctl",

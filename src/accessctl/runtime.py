@@ -39,12 +39,14 @@ class Runtime:
     client: DBOSClient
 
 
-def open_engine(settings: Settings) -> sa.Engine:
+def open_engine(settings: Settings, *, pool_size: int = 3, pre_ping: bool = True) -> sa.Engine:
     """An engine on the configured database, checked to be reachable (exit 3 if not)."""
     engine = make_engine(
         settings.database_url,
         connect_timeout=settings.connect_timeout,
         create_dir=settings.database_url_source == "default",
+        pool_size=pool_size,
+        pre_ping=pre_ping,
     )
     check_connection(engine)
     return engine
@@ -124,18 +126,9 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
         # DBOS sets its logger's level from this; keep what logs.configure_logging chose.
         "log_level": logging.getLevelName(logging.getLogger("dbos").getEffectiveLevel()),
     }
-    if settings.is_sqlite:
-        # Our engine carries the exact millisecond clock (see db.py).
-        config["system_database_engine"] = engine
-    else:
-        config["db_engine_kwargs"] = {
-            "pool_pre_ping": True,
-            # DBOS's own pool: a few kept open, enough overflow for every request
-            # thread plus DBOS's pollers (see db.py for why so few stay idle).
-            "pool_size": 5,
-            "max_overflow": settings.concurrency + 15,
-            "connect_args": {"connect_timeout": max(1, int(settings.connect_timeout))},
-        }
+    # One pool for DBOS and our transactions (on SQLite it also carries the exact
+    # millisecond clock, see db.py): see executing_runtime for its size.
+    config["system_database_engine"] = engine
     return config
 
 
@@ -155,12 +148,18 @@ def provider_config(settings: Settings) -> ProviderConfig | None:
     )
 
 
+# With the limit lifted: 50 polls a second per process, each one short claim query.
+UNLIMITED_POLL_SEC = 0.02
+
+
 def queue_polling_interval(settings: Settings) -> float:
     """How often the request queue polls. Nothing wakes a queue when a limiter window
     frees up, so each window starts up to one interval late: keep that near 2% of the
-    period (10/2 polls every 0.04 s), and never slower than the configured interval."""
+    period (10/2 polls every 0.04 s), and never slower than the configured interval.
+    Without a limiter the concurrency limit is what admits: a finished request's slot is
+    refilled at the next poll, so poll often enough that the slots never sit empty long."""
     if settings.rate_limit is None:
-        return settings.poll_interval
+        return min(settings.poll_interval, UNLIMITED_POLL_SEC)
     return min(settings.poll_interval, max(0.02, settings.rate_limit.period / 50))
 
 
@@ -213,14 +212,20 @@ def register_queues(
 @contextlib.contextmanager
 def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     """Launch DBOS in this process as an executor of the access-request queue."""
-    from dbos import DBOS, SQLAlchemyDatasource
+    from dbos import DBOS
     from dbos._error import DBOSInitializationError
 
     from accessctl import workflows
     from accessctl.lease import Adopter, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
 
-    engine = open_engine(settings)
+    # Each request in flight can hold two connections at once (its transaction and DBOS's
+    # ownership check), plus DBOS's pollers and listener and the batch followers: keep that
+    # many open, or every request pays for new Postgres server processes.
+    # No ping before every checkout (a round trip each, 9 per request): a connection a
+    # database restart broke fails on use, which invalidates the pool, and DBOS and
+    # workflows._run_tx retry it.
+    engine = open_engine(settings, pool_size=2 * settings.concurrency + 6, pre_ping=False)
     lease = None
     adopter = None
     client = None
@@ -233,13 +238,9 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         if settings.is_sqlite:
             serialize_sqlite_claims()
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
-        # After DBOS(): a datasource must be created between construction and launch.
-        datasource = SQLAlchemyDatasource.create(
-            normalize_url(settings.database_url), engine=engine, run_migrations=False
-        )
         provider = provider_config(settings)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
-        bound = workflows.bind(datasource, settings.poll_interval, provider)
+        bound = workflows.bind(engine, settings.poll_interval, provider)
         client = filing_client(settings, engine)
         # Registered before launch, so DBOS starts polling both queues at once instead of
         # discovering them on its next scan (a second later).

@@ -36,7 +36,7 @@ def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
 def run_worker(runtime: Runtime, stop: threading.Event, *, burst: bool) -> None:
     """Block while DBOS's queue threads execute work; return on ``stop`` or, in burst
     mode, once nothing is queued or running here (checked twice, to ride over the gap
-    between a parent enqueuing children and their first dequeue)."""
+    between a request queuing its retry and that retry's dequeue)."""
     interval = max(runtime.settings.poll_interval * 5, 0.5)
     idle_checks = 0
     while not stop.wait(interval):

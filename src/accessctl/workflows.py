@@ -3,12 +3,13 @@
 A batch is filed in one transaction (``filing.py``): its ``batches`` row, one queued
 ``file_request`` workflow per request and one ``run_batch`` workflow that follows the batch
 to its end. Each request writes exactly one ``accesses`` row or exactly one ``errors`` row,
-in one database transaction whose result DBOS checkpoints in the same transaction, so no
-replay ever writes twice. A provider attempt that must be retried enqueues the next attempt
+in one database transaction (a checkpointed step) that first looks for the request's row by
+its unique ``request_id``, so no replay ever writes twice, even one whose process died
+between the commit and DBOS recording the step. A provider attempt that must be retried enqueues the next attempt
 itself, through the same rate-limited queue.
 
 Workflows print nothing and return plain data. Importing this module registers the
-functions with DBOS but touches no database: the runtime binds the datasource and the
+functions with DBOS but touches no database: the runtime binds the engine and the
 queue after launch (``bind``).
 """
 
@@ -24,11 +25,10 @@ import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 
 from accessctl.db import describe_db_error, sqlstate_of
-from accessctl.models import Access, AccessStatus, Error, User
+from accessctl.models import Access, AccessStatus, Error, User, utcnow
 
 if TYPE_CHECKING:
-    from dbos import Queue, SQLAlchemyDatasource
-    from sqlalchemy.orm import Session
+    from dbos import Queue
 
     from accessctl.provider import ProviderConfig
 
@@ -62,11 +62,11 @@ class _Bound:
 
     def __init__(
         self,
-        datasource: SQLAlchemyDatasource,
+        engine: sa.Engine,
         poll_interval: float,
         provider: ProviderConfig | None,
     ) -> None:
-        self.datasource = datasource
+        self.engine = engine
         self.poll_interval = poll_interval
         self.provider = provider
         self._queue: Queue | None = None
@@ -87,13 +87,11 @@ class _Bound:
 _bound: _Bound | None = None
 
 
-def bind(
-    datasource: SQLAlchemyDatasource, poll_interval: float, provider: ProviderConfig | None
-) -> _Bound:
-    """Give the workflows their datasource and provider (called by the runtime, before
+def bind(engine: sa.Engine, poll_interval: float, provider: ProviderConfig | None) -> _Bound:
+    """Give the workflows their engine and provider (called by the runtime, before
     launch); the runtime then calls ``set_queue`` on the result after launch."""
     global _bound
-    _bound = _Bound(datasource, poll_interval, provider)
+    _bound = _Bound(engine, poll_interval, provider)
     return _bound
 
 
@@ -104,7 +102,7 @@ def unbind() -> None:
 
 def _runtime() -> _Bound:
     if _bound is None:
-        raise RuntimeError("accessctl workflows ran before the runtime bound a datasource")
+        raise RuntimeError("accessctl workflows ran before the runtime bound an engine")
     return _bound
 
 
@@ -148,27 +146,39 @@ def error_message(
     }
 
 
-# --- transactions (each one database transaction, checkpointed with its result) ----------
+# --- transactions (each one database transaction in a checkpointed step) -----------------
 
 
-def _existing_outcome(session: Session, request_id: str) -> str | None:
-    """A request's outcome is keyed by its durable ID: whatever re-runs, it is written once."""
-    if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)) is not None:
-        return "recorded"
-    if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)) is not None:
-        return "failed"
-    return None
+def _lookup(conn: sa.Connection, request_id: str, user_id: str | None) -> tuple[str | None, bool]:
+    """(the request's outcome if it has its row, whether its user exists), in one round
+    trip. A request's outcome is keyed by its durable ID: whatever re-runs, it is written
+    once."""
+    recorded = sa.select(Access.id).where(Access.request_id == request_id).scalar_subquery()
+    failed = sa.select(Error.id).where(Error.request_id == request_id).scalar_subquery()
+    user = (
+        sa.select(User.id).where(User.id == uuid.UUID(user_id)).scalar_subquery()
+        if user_id is not None
+        else sa.null()
+    )
+    row = conn.execute(sa.select(recorded, failed, user)).one()
+    outcome = "recorded" if row[0] is not None else "failed" if row[1] is not None else None
+    return outcome, row[2] is not None
 
 
-def _add_error(session: Session, request_id: str, batch_id: str, message: dict[str, Any]) -> str:
-    session.add(Error(message=message, batch_id=uuid.UUID(batch_id), request_id=request_id))
+def _add_error(conn: sa.Connection, request_id: str, batch_id: str, message: dict[str, Any]) -> str:
+    conn.execute(
+        sa.insert(Error).values(
+            id=uuid.uuid4(),
+            message=message,
+            batch_id=uuid.UUID(batch_id),
+            request_id=request_id,
+            created_at=utcnow(),
+        )
+    )
     return "failed"
 
 
-def _unknown_user(session: Session, request_id: str, batch_id: str, user_id: str) -> bool:
-    """Record the request as failed if its user does not exist; True if so."""
-    if session.get(User, uuid.UUID(user_id)) is not None:
-        return False
+def _add_unknown_user(conn: sa.Connection, request_id: str, batch_id: str, user_id: str) -> str:
     message = error_message(
         batch_id=batch_id,
         request_id=request_id,
@@ -176,36 +186,40 @@ def _unknown_user(session: Session, request_id: str, batch_id: str, user_id: str
         error_class="UnknownUser",
         detail=f"no user with id {user_id}",
     )
-    _add_error(session, request_id, batch_id, message)
-    return True
+    return _add_error(conn, request_id, batch_id, message)
 
 
+@DBOS.step(name="accessctl.record_access")
 def _record_access(
     request_id: str, batch_id: str, user_id: str, status: str = AccessStatus.REQUESTED.value
 ) -> str:
     """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user."""
-    session = _runtime().datasource.sql_session()
-    existing = _existing_outcome(session, request_id)
-    if existing is not None:
-        return existing
-    if _unknown_user(session, request_id, batch_id, user_id):
-        return "failed"
-    session.add(
-        Access(
-            user_id=uuid.UUID(user_id),
-            status=AccessStatus(status),
-            request_id=request_id,
-            batch_id=uuid.UUID(batch_id),
+    with _runtime().engine.begin() as conn:
+        existing, user_exists = _lookup(conn, request_id, user_id)
+        if existing is not None:
+            return existing
+        if not user_exists:
+            return _add_unknown_user(conn, request_id, batch_id, user_id)
+        now = utcnow()
+        conn.execute(
+            sa.insert(Access).values(
+                id=uuid.uuid4(),
+                user_id=uuid.UUID(user_id),
+                status=AccessStatus(status),
+                request_id=request_id,
+                batch_id=uuid.UUID(batch_id),
+                created_at=now,
+                updated_at=now,
+            )
         )
-    )
-    return "recorded"
+        return "recorded"
 
 
+@DBOS.step(name="accessctl.record_error")
 def _record_error(request_id: str, batch_id: str, message: dict[str, Any]) -> str:
-    session = _runtime().datasource.sql_session()
-    return _existing_outcome(session, request_id) or _add_error(
-        session, request_id, batch_id, message
-    )
+    with _runtime().engine.begin() as conn:
+        existing, _ = _lookup(conn, request_id, None)
+        return existing or _add_error(conn, request_id, batch_id, message)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -220,21 +234,21 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) and not state
 
 
+@DBOS.step(name="accessctl.check_request")
 def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
     its row, ``"failed"`` (with its row) for an unknown user, else ``"ready"``."""
-    session = _runtime().datasource.sql_session()
-    existing = _existing_outcome(session, request_id)
-    if existing is not None:
-        return existing
-    return "failed" if _unknown_user(session, request_id, batch_id, user_id) else "ready"
+    with _runtime().engine.begin() as conn:
+        existing, user_exists = _lookup(conn, request_id, user_id)
+        if existing is not None:
+            return existing
+        return "ready" if user_exists else _add_unknown_user(conn, request_id, batch_id, user_id)
 
 
 def _seconds_since_start(workflow_id: str) -> float:
     """How long ago the limiter admitted this attempt, on the database's clock (the one
     DBOS stamps starts with), so hosts' clock skew does not matter."""
-    ds = _runtime().datasource
-    engine = ds.engine
+    engine = _runtime().engine
     if engine.dialect.name == "sqlite":
         sql = (
             "SELECT CAST(strftime('%s','now') * 1000 AS INTEGER) - started_at_epoch_ms "
@@ -271,14 +285,13 @@ def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str
     return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
 
 
-def _run_tx(name: str, func: Any, *args: Any) -> Any:
-    """A datasource transaction, retried here on transient database faults (DBOS retries
-    serialization failures itself); any other database error is raised."""
-    ds = _runtime().datasource
+def _run_tx(step: Any, *args: Any) -> Any:
+    """Run a transaction step, retried here on transient database faults (with backoff,
+    as durable sleeps, so a replay makes the same attempts); any other error is raised."""
     last: BaseException | None = None
     for attempt in range(TRANSIENT_ATTEMPTS):
         try:
-            return ds.run_tx_step({"name": name}, func, *args)
+            return step(*args)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -297,11 +310,7 @@ def _database_failure(request_id: str, batch_id: str, user_id: str, exc: BaseExc
         detail=describe_db_error(exc),
         sqlstate=sqlstate_of(exc),
     )
-    return str(
-        _runtime().datasource.run_tx_step(
-            {"name": "record_error"}, _record_error, request_id, batch_id, message
-        )
-    )
+    return str(_record_error(request_id, batch_id, message))
 
 
 def _jitter(request_id: str, attempt: int) -> float:
@@ -342,13 +351,13 @@ def _provider_attempt(
     """One provider attempt: its outcome, or ``"requeued"`` once the next try is queued."""
     from accessctl.provider import backoff_seconds
 
-    state = _run_tx("check_request", _check_request, rid, batch_id, user_id)
+    state = _run_tx(_check_request, rid, batch_id, user_id)
     if state != "ready":
         return str(state)
     answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
     outcome = answer["outcome"]
     if outcome in ("approved", "rejected", "requested"):
-        return str(_run_tx("record_access", _record_access, rid, batch_id, user_id, outcome))
+        return str(_run_tx(_record_access, rid, batch_id, user_id, outcome))
     if outcome == "late":
         # Admitted but not called in time: no provider attempt was spent.
         _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0)
@@ -377,7 +386,7 @@ def _provider_attempt(
             http_status=answer["http_status"],
             attempt=attempt,
         )
-    return str(_run_tx("record_error", _record_error, rid, batch_id, message))
+    return str(_run_tx(_record_error, rid, batch_id, message))
 
 
 @DBOS.workflow(name="accessctl.file_request", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
@@ -402,7 +411,7 @@ def file_request(
     policy = retry or {"max_attempts": 1, "deadline": 0.0}
     try:
         if _runtime().provider is None:
-            return {"outcome": _run_tx("record_access", _record_access, rid, batch_id, user_id)}
+            return {"outcome": _run_tx(_record_access, rid, batch_id, user_id)}
         outcome = _provider_attempt(batch_id, user_id, rid, attempt, policy, tries, waited)
         return {"outcome": outcome, "attempt": attempt}
     except Exception as exc:
@@ -460,7 +469,7 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
     their rows, so it does nothing a replay could repeat. Its status is the batch's:
     ``status``, ``batches`` and ``prune`` read it."""
     rt = _runtime()
-    engine = rt.datasource.engine
+    engine = rt.engine
     last_done, quiet_since = -1, time.monotonic()
     while True:
         recorded, failed = outcome_counts(engine, batch_id)
