@@ -84,6 +84,34 @@ def test_retry_files_exactly_the_failed_requests_once(cli: Cli) -> None:
     assert listed[retried["batch_id"]]["retry_of"] == original["batch_id"]
 
 
+def test_a_cancelled_request_is_recorded_as_failed_and_can_be_retried(cli: Cli) -> None:
+    from dbos import DBOSClient
+
+    users = cli.add_users(3)
+    batch_id = cli("submit", *users, "--detach").stdout.strip()
+    engine = cli.engine()
+    client = DBOSClient(
+        system_database_engine=engine,
+        dbos_system_schema=None if cli.database_url.startswith("sqlite") else "dbos",
+    )
+    try:
+        client.cancel_workflow(f"req-{batch_id}-0000001")  # an operator cancels one request
+    finally:
+        client.destroy()
+        engine.dispose()
+    worker = cli.run("worker", "--burst", timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    status = cli.json("status", batch_id, "--json")
+    assert (status["state"], status["recorded"], status["failed"]) == ("done", 2, 1)
+    [error] = cli.json("errors", "--batch", batch_id, "--json")
+    assert error["message"]["error_class"] == "RequestEnded"
+    assert error["message"]["user_id"] == users[1]
+    retried = cli("retry", batch_id, "--json")
+    assert retried.exit_code == 0, retried.stderr
+    assert json.loads(retried.stdout)["recorded"] == 1
+    assert cli.scalar("SELECT count(*) FROM accesses") == 3
+
+
 def test_retry_of_a_clean_or_unknown_batch_is_a_usage_error(cli: Cli) -> None:
     users = cli.add_users(1)
     clean = cli.json("submit", users[0], "--json")

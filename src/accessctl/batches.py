@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.errors import BatchFailed, ExitCode, Interrupted, UsageError
+from accessctl.errors import ExitCode, Interrupted, UsageError
 from accessctl.inputs import InvalidInput
 from accessctl.settings import Settings
 from accessctl.workflows import (
-    BatchIncomplete,
     Summary,
     batch_id_for_key,
     batch_workflow_id,
@@ -143,8 +142,5 @@ def run_attached(
                 "or any `accessctl worker`",
                 stop_reason(),
             )
-    try:
-        summary: Summary = handle.get_result()
-    except BatchIncomplete as exc:
-        raise BatchFailed(str(exc)) from None
+    summary: Summary = handle.get_result()
     return summary

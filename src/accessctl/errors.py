@@ -55,13 +55,6 @@ class SchemaNotMigrated(AccessctlError):
     exit_code = ExitCode.NOT_MIGRATED
 
 
-class BatchFailed(AccessctlError):
-    """A batch ended with requests that wrote no row (their workflows were cancelled or
-    failed outside the database): nothing was lost silently, but the batch is not done."""
-
-    exit_code = ExitCode.SOME_FAILED
-
-
 class Interrupted(AccessctlError):
     """A signal stopped the run; the work goes on with the next run or a worker."""
 

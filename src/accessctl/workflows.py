@@ -423,12 +423,10 @@ def file_request(
 
 
 # A batch whose count has not moved for this long is checked for requests that ended
-# without an outcome (a cancelled or crashed request workflow), so it cannot wait forever.
-STALL_CHECK_SEC = 10.0
-
-
-class BatchIncomplete(RuntimeError):
-    """Some request workflows of a batch ended without writing their row."""
+# without an outcome (a cancelled request workflow, or one that failed outside the
+# database), so it records them as failed instead of waiting forever.
+STALL_CHECK_SEC = 5.0
+ENDED = ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
 def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
@@ -440,25 +438,36 @@ def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
     return int(recorded or 0), int(failed or 0)
 
 
-def _requests_without_outcome(engine: sa.Engine, batch_id: str) -> int:
-    """Request workflows of this batch that ended (failed, cancelled) without a row."""
-    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
-    sql = sa.text(
-        f"SELECT workflow_uuid FROM {table} WHERE status IN "
-        "('ERROR', 'CANCELLED', 'MAX_RECOVERY_ATTEMPTS_EXCEEDED') "
-        "AND queue_name = :q AND workflow_uuid LIKE :p"
+def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
+    """Give every request of this batch whose last try ended (cancelled, failed) without
+    a row its ``errors`` row; returns how many it recorded. Keyed by request ID like every
+    request row, so running it twice records nothing twice."""
+    ended = DBOS.list_workflows(
+        workflow_id_prefix=f"req-{batch_id}-",
+        status=list(ENDED),
+        name="accessctl.file_request",  # not the queue: cancelling takes a workflow off it
+        load_input=True,
+        load_output=False,
     )
-    with engine.connect() as conn:
-        ended = {
-            str(r[0]).split(".t", 1)[0]  # a retry's try suffix: the request is the same
-            for r in conn.execute(sql, {"q": QUEUE_NAME, "p": f"req-{batch_id}-%"})
-        }
-        return sum(
-            1
-            for rid in ended
-            if conn.scalar(sa.select(Access.id).where(Access.request_id == rid)) is None
-            and conn.scalar(sa.select(Error.id).where(Error.request_id == rid)) is None
+    recorded = 0
+    for workflow in ended:
+        args = list(workflow.input["args"]) if workflow.input else []
+        user_id = args[1] if len(args) > 1 else None
+        rid = args[2] if len(args) > 2 and args[2] else workflow.workflow_id
+        message = error_message(
+            batch_id=batch_id,
+            request_id=rid,
+            user_id=user_id,
+            error_class="RequestEnded",
+            detail=f"request workflow {workflow.workflow_id} ended {workflow.status} "
+            "without recording an outcome",
         )
+        with engine.begin() as conn:
+            existing, _ = _lookup(conn, rid, None)
+            if existing is None:
+                _add_error(conn, rid, batch_id, message)
+                recorded += 1
+    return recorded
 
 
 @DBOS.workflow(name="accessctl.run_batch", max_recovery_attempts=MAX_RECOVERY_ATTEMPTS)
@@ -484,13 +493,7 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
         if recorded + failed != last_done:
             last_done, quiet_since = recorded + failed, time.monotonic()
         elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
-            stuck = _requests_without_outcome(engine, batch_id)
-            if stuck:
-                raise BatchIncomplete(
-                    f"{stuck} request workflow(s) of batch {batch_id} ended without an "
-                    "outcome (cancelled, or failed outside the database): see "
-                    "`dbos workflow list --status ERROR`"
-                )
+            _record_ended_requests(engine, batch_id)
             quiet_since = time.monotonic()
         time.sleep(follow_interval(rt.poll_interval, total))
 
