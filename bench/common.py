@@ -211,10 +211,73 @@ def pg_counters(b: Backend) -> dict[str, int]:
 # --- processes --------------------------------------------------------------------------
 
 
+def stderr_path(name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return LOG_DIR / f"{safe}.stderr.log"
+
+
 def stderr_file(name: str) -> Any:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    return open(LOG_DIR / f"{safe}.stderr.log", "ab")
+    return open(stderr_path(name), "ab")
+
+
+def log_events(name: str) -> list[dict[str, Any]]:
+    """The JSON log lines (``ACCESSCTL_LOG_FORMAT=json``) a process wrote to its stderr file."""
+    path = stderr_path(name)
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def event_epoch(event: dict[str, Any]) -> float | None:
+    """A log line's ``timestamp`` (ISO 8601, UTC) as epoch seconds."""
+    stamp = event.get("timestamp")
+    if not stamp:
+        return None
+    moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def find_event(name: str, events: Sequence[str]) -> dict[str, Any] | None:
+    """The first log line of process ``name`` whose ``event`` is one of ``events``."""
+    return next((e for e in log_events(name) if e.get("event") in events), None)
+
+
+def wait_for_event(
+    name: str, events: Sequence[str], proc: Proc, timeout: float, interval: float = 0.01
+) -> dict[str, Any] | None:
+    """Tail process ``name``'s stderr file until a line with one of ``events`` appears (None
+    if the process exits or ``timeout`` passes first)."""
+    path = stderr_path(name)
+    deadline = time.monotonic() + timeout
+    offset = 0
+    buffer = ""
+    while time.monotonic() < deadline:
+        if path.exists():
+            with open(path, errors="replace") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+                offset = fh.tell()
+            buffer += chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                if not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if event.get("event") in events:
+                        return event
+        if proc.poll() is not None:
+            return find_event(name, events)
+        time.sleep(interval)
+    return None
 
 
 def run_cli(
@@ -430,12 +493,17 @@ CATEGORIES = (
 # What a thread is working on: the outermost matching frame names its role.
 ROLES = (
     ("request workflows (file_request)", "file_request (accessctl/"),
-    ("batch workflow (run_batch: fan-out, waiting)", "run_batch (accessctl/"),
-    ("DBOS per-workflow bookkeeping (owner checks, outcome, checkpoint cleanup)", "_execute_workflow_wthread (dbos/"),
+    ("batch workflow (run_batch: counting rows)", "run_batch (accessctl/"),
+    (
+        "DBOS per-workflow bookkeeping (owner checks, outcome, checkpoint cleanup)",
+        "_execute_workflow_wthread (dbos/",
+    ),
     ("queue polling / dequeue (DBOS)", "queue_worker_thread (dbos/"),
     ("adopter / lease (accessctl)", "(accessctl/lease.py"),
     ("notification listener (DBOS)", "run_notifier (dbos/"),
-    ("start-up: imports, launch, migrations check", "main (accessctl/cli.py"),
+    ("filing the batch (file_batch: one transaction)", "file_batch (accessctl/"),
+    ("following the batch (run_attached)", "run_attached (accessctl/"),
+    ("start-up: imports, launch, schema check", "main (accessctl/cli.py"),
 )
 
 
@@ -471,9 +539,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
                 if needle in frame and category not in seen:
                     seen.add(category)
                     inclusive[category] += count
-        role = next(
-            (name for name, needle in ROLES if any(needle in f for f in frames)), "other"
-        )
+        role = next((name for name, needle in ROLES if any(needle in f for f in frames)), "other")
         roles[role] += count
     if not total:
         return {"available": False}
@@ -508,6 +574,15 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def _accessctl_version() -> str:
+    """The version of the code that runs (the source tree; installed metadata can lag an
+    editable install), with its pinned workflow version."""
+    import accessctl
+    from accessctl.workflows import WORKFLOW_VERSION
+
+    return f"{accessctl.__version__} (workflows {WORKFLOW_VERSION})"
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -517,7 +592,7 @@ def versions() -> dict[str, str]:
         "sqlalchemy": version("sqlalchemy"),
         "psycopg": version("psycopg"),
         "sqlite": sqlite3.sqlite_version,
-        "accessctl": version("accessctl"),
+        "accessctl": _accessctl_version(),
     }
     try:
         engine = _admin()

@@ -1,7 +1,7 @@
 """Run every benchmark and write BENCHMARKS.md, bench/limiter.png and bench/results.json.
 
     uv run --group bench python bench/run_all.py            # everything (~25 min)
-    uv run --group bench python bench/run_all.py --quick    # smaller sizes (~6 min)
+    uv run --group bench python bench/run_all.py --quick    # smaller sizes (~7 min)
     uv run --group bench python bench/run_all.py --only limiter,startup
     uv run --group bench python bench/run_all.py --report-only   # re-render from results.json
 

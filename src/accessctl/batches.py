@@ -24,6 +24,7 @@ from accessctl.workflows import (
     batch_id_for_key,
     batch_workflow_id,
     follow_interval,
+    is_transient,
     outcome_counts,
 )
 
@@ -78,6 +79,14 @@ def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchReques
     return request.batch_id
 
 
+def _interrupted(batch_id: str, code: ExitCode) -> Interrupted:
+    return Interrupted(
+        f"interrupted; batch {batch_id} is durable and resumes with the next run "
+        "or any `accessctl worker`",
+        code,
+    )
+
+
 def run_attached(
     request: BatchRequest,
     settings: Settings,
@@ -122,8 +131,16 @@ def run_attached(
     interval = follow_interval(poll_interval, total)
     last: dict[str, Any] | None = None
     while True:
-        status = handle.get_status().status
-        recorded, failed = outcome_counts(engine, batch_id)
+        try:
+            status = handle.get_status().status
+            recorded, failed = outcome_counts(engine, batch_id)
+        except Exception as exc:
+            # A lost connection or a restarting database: read again at the next turn.
+            if not is_transient(exc):
+                raise
+            if stop.wait(interval):
+                raise _interrupted(batch_id, stop_reason()) from None
+            continue
         progress = {
             "batch_id": batch_id,
             "total": total,
@@ -137,10 +154,6 @@ def run_attached(
         if status in TERMINAL:
             break
         if stop.wait(interval):
-            raise Interrupted(
-                f"interrupted; batch {batch_id} is durable and resumes with the next run "
-                "or any `accessctl worker`",
-                stop_reason(),
-            )
+            raise _interrupted(batch_id, stop_reason())
     summary: Summary = handle.get_result()
     return summary

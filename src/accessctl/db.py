@@ -181,7 +181,6 @@ def make_engine(
     connect_timeout: float = 5.0,
     create_dir: bool = False,
     pool_size: int = 3,
-    pre_ping: bool = True,
 ) -> sa.Engine:
     """An engine for ``url``: exact clocks and WAL on SQLite, a
     bounded connect timeout and liveness checks on Postgres."""
@@ -201,12 +200,12 @@ def make_engine(
         return engine
     return sa.create_engine(
         url,
-        pool_pre_ping=pre_ping,
+        pool_pre_ping=True,
         # ``pool_size`` connections stay open; bursts above it open overflow connections,
         # closed again on return. Read-only commands keep few; an executing process keeps
         # enough for its work, since a new Postgres connection costs a server process.
         pool_size=pool_size,
-        max_overflow=pool_size + 10,
+        max_overflow=10,
         connect_args={
             "connect_timeout": max(1, math.ceil(connect_timeout)),
             "application_name": "accessctl",

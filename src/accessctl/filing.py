@@ -44,15 +44,19 @@ if TYPE_CHECKING:
 CHUNK = 2000
 
 
-def _insert_workflows(client: DBOSClient, conn: sa.Connection, statuses: list[Any]) -> None:
+def _insert_workflows(
+    client: DBOSClient, conn: sa.Connection, statuses: list[Any], created_ms: int
+) -> None:
     """Write ENQUEUED workflow rows (status and inputs) the way DBOS 3.4's bulk enqueue
     (``SystemDatabase.init_workflows``) does, but in our transaction and as one compiled
-    statement executed for many rows: DBOS's multi-row VALUES recompiles per chunk, which
-    costs ~30x the insert itself. Partition keys, deduplication and sharding are not used
-    here, which is what lets the row be this simple."""
+    statement executed for many rows: DBOS's multi-row VALUES statement is compiled anew
+    for every 500 rows, which made it 10-40x slower (BENCHMARKS.md). Partition keys,
+    deduplication and sharding are not used here, which is what lets the row be this
+    simple. Every row of a batch carries the same ``created_ms``: the batch was filed at
+    one moment (its requests then start in no particular order, which nothing needs)."""
     sys_db = client._sys_db
     tables = sys_db.tables
-    now_ms = int(time.time() * 1000)
+    now_ms = created_ms
     conn.execute(
         sa.insert(tables.workflow_status),
         [
@@ -134,6 +138,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
     it. ``retry`` is the provider retry policy, fixed into every request at filing."""
     bid = uuid.UUID(request.batch_id)
     total = len(request.user_ids) + len(request.invalid)
+    created_ms = int(time.time() * 1000)
     try:
         with _write_transaction(client) as conn:
             if _batch_exists(conn, bid):
@@ -162,6 +167,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                         total,
                     )
                 ],
+                created_ms,
             )
             for start in range(0, len(request.user_ids), CHUNK):
                 statuses = [
@@ -180,7 +186,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                         request.user_ids[start : start + CHUNK], start=start
                     )
                 ]
-                _insert_workflows(client, conn, statuses)
+                _insert_workflows(client, conn, statuses, created_ms)
         return True
     except IntegrityError:
         # A concurrent run with the same key committed the batch first: attach to it.

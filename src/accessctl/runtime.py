@@ -39,14 +39,13 @@ class Runtime:
     client: DBOSClient
 
 
-def open_engine(settings: Settings, *, pool_size: int = 3, pre_ping: bool = True) -> sa.Engine:
+def open_engine(settings: Settings, *, pool_size: int = 3) -> sa.Engine:
     """An engine on the configured database, checked to be reachable (exit 3 if not)."""
     engine = make_engine(
         settings.database_url,
         connect_timeout=settings.connect_timeout,
         create_dir=settings.database_url_source == "default",
         pool_size=pool_size,
-        pre_ping=pre_ping,
     )
     check_connection(engine)
     return engine
@@ -219,13 +218,10 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     from accessctl.lease import Adopter, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
 
-    # Each request in flight can hold two connections at once (its transaction and DBOS's
-    # ownership check), plus DBOS's pollers and listener and the batch followers: keep that
-    # many open, or every request pays for new Postgres server processes.
-    # No ping before every checkout (a round trip each, 9 per request): a connection a
-    # database restart broke fails on use, which invalidates the pool, and DBOS and
-    # workflows._run_tx retry it.
-    engine = open_engine(settings, pool_size=2 * settings.concurrency + 6, pre_ping=False)
+    # Each request in flight holds one connection at a time, DBOS's pollers, listener
+    # and the batch followers a few more: keep that many open, or requests pay for new
+    # Postgres server processes (docs/operations.md, "Database connections").
+    engine = open_engine(settings, pool_size=settings.concurrency + 6)
     lease = None
     adopter = None
     client = None

@@ -438,6 +438,20 @@ def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
     return int(recorded or 0), int(failed or 0)
 
 
+def _requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
+    """Request workflows of this batch still queued, delayed or running. Once every row is
+    written this is usually none; a try cut off by a crash after writing its row is still
+    PENDING until an executor adopts it, and the batch waits for it, so a finished batch
+    leaves no work behind. Rides DBOS's in-flight index (queue, status)."""
+    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    sql = sa.text(
+        f"SELECT count(*) FROM {table} WHERE queue_name = :q "
+        "AND status IN ('ENQUEUED', 'PENDING', 'DELAYED') AND workflow_uuid LIKE :p"
+    )
+    with engine.connect() as conn:
+        return int(conn.scalar(sql, {"q": QUEUE_NAME, "p": f"req-{batch_id}-%"}) or 0)
+
+
 def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
     """Give every request of this batch whose last try ended (cancelled, failed) without
     a row its ``errors`` row; returns how many it recorded. Keyed by request ID like every
@@ -481,20 +495,25 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
     engine = rt.engine
     last_done, quiet_since = -1, time.monotonic()
     while True:
-        recorded, failed = outcome_counts(engine, batch_id)
-        if recorded + failed >= total:
-            return {
-                "batch_id": batch_id,
-                "key": key,
-                "total": total,
-                "recorded": recorded,
-                "failed": failed,
-            }
-        if recorded + failed != last_done:
-            last_done, quiet_since = recorded + failed, time.monotonic()
-        elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
-            _record_ended_requests(engine, batch_id)
-            quiet_since = time.monotonic()
+        try:
+            recorded, failed = outcome_counts(engine, batch_id)
+            if recorded + failed >= total and not _requests_in_flight(engine, batch_id):
+                return {
+                    "batch_id": batch_id,
+                    "key": key,
+                    "total": total,
+                    "recorded": recorded,
+                    "failed": failed,
+                }
+            if recorded + failed != last_done:
+                last_done, quiet_since = recorded + failed, time.monotonic()
+            elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
+                _record_ended_requests(engine, batch_id)
+                quiet_since = time.monotonic()
+        except Exception as exc:
+            # A lost connection or a restarting database: read again at the next turn.
+            if not is_transient(exc):
+                raise
         time.sleep(follow_interval(rt.poll_interval, total))
 
 
