@@ -218,7 +218,8 @@ def test_no_command_prints_or_stores_the_password(secret_database: SecretDatabas
         "public.errors",
         "public.batches",
         "dbos.workflow_status",
-        "dbos.operation_outputs",
+        "dbos.workflow_input",
+        "dbos.workflow_output",
     ):
         assert dump[table], f"{table} is empty: the dump would prove nothing"
     for table, rows in dump.items():

@@ -3,9 +3,9 @@
 A batch is filed in one transaction (``filing.py``): its ``batches`` row, one queued
 ``file_request`` workflow per request and one ``run_batch`` workflow that follows the batch
 to its end. Each request writes exactly one ``accesses`` row or exactly one ``errors`` row,
-in one database transaction (a checkpointed step) that first looks for the request's row by
-its unique ``request_id``, so no replay ever writes twice, even one whose process died
-between the commit and DBOS recording the step. A provider attempt that must be retried enqueues the next attempt
+in one database transaction that first looks for the request's row by its unique
+``request_id``, so no replay ever writes twice. The provider call is the one DBOS step of a
+request (so a replay does not call again). A provider attempt that must be retried enqueues the next attempt
 itself, through the same rate-limited queue.
 
 Workflows print nothing and return plain data. Importing this module registers the
@@ -146,7 +146,7 @@ def error_message(
     }
 
 
-# --- transactions (each one database transaction in a checkpointed step) -----------------
+# --- transactions (each one database transaction, keyed by the request's ID) --------------
 
 
 def _lookup(conn: sa.Connection, request_id: str, user_id: str | None) -> tuple[str | None, bool]:
@@ -189,7 +189,6 @@ def _add_unknown_user(conn: sa.Connection, request_id: str, batch_id: str, user_
     return _add_error(conn, request_id, batch_id, message)
 
 
-@DBOS.step(name="accessctl.record_access")
 def _record_access(
     request_id: str, batch_id: str, user_id: str, status: str = AccessStatus.REQUESTED.value
 ) -> str:
@@ -215,7 +214,6 @@ def _record_access(
         return "recorded"
 
 
-@DBOS.step(name="accessctl.record_error")
 def _record_error(request_id: str, batch_id: str, message: dict[str, Any]) -> str:
     with _runtime().engine.begin() as conn:
         existing, _ = _lookup(conn, request_id, None)
@@ -234,7 +232,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) and not state
 
 
-@DBOS.step(name="accessctl.check_request")
 def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
     its row, ``"failed"`` (with its row) for an unknown user, else ``"ready"``."""
@@ -285,18 +282,22 @@ def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str
     return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
 
 
-def _run_tx(step: Any, *args: Any) -> Any:
-    """Run a transaction step, retried here on transient database faults (with backoff,
-    as durable sleeps, so a replay makes the same attempts); any other error is raised."""
+def _run_tx(transaction: Any, *args: Any) -> Any:
+    """Run one request transaction, retried here on transient database faults (with
+    backoff); any other error is raised. Not a DBOS step, on purpose: the transaction
+    looks for its request's row first, so running it again on a replay finds the row and
+    writes nothing, and recording it as a step would cost two more round trips and a
+    fifth of a worker's time per request (BENCHMARKS.md). For the same reason the backoff
+    is a plain sleep: a replay simply tries again."""
     last: BaseException | None = None
     for attempt in range(TRANSIENT_ATTEMPTS):
         try:
-            return step(*args)
+            return transaction(*args)
         except Exception as exc:
             if not is_transient(exc):
                 raise
             last = exc
-            DBOS.sleep(TRANSIENT_BACKOFF_SEC * 2**attempt)
+            time.sleep(TRANSIENT_BACKOFF_SEC * 2**attempt)
     assert last is not None
     raise last
 

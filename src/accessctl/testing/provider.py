@@ -33,6 +33,15 @@ class Call:
     answered: int
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a window's worth of calls arriving at once on a
+    # busy machine overflowed it, and the dropped connections came back a second later
+    # (TCP's SYN retransmit), which looked like calls over the limit. Real servers
+    # accept far more; so does this one.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 @dataclass
 class FakeProvider:
     """``fail``: list of (HTTP status, how many first calls per idempotency key get it)."""
@@ -60,7 +69,7 @@ class FakeProvider:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server = _Server((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
