@@ -463,7 +463,7 @@ def insert_probe(kind: str, n: int, tag: str, rounds: int = 2) -> dict[str, Any]
                         client._sys_db.init_workflows(statuses)
                     else:
                         with client._sys_db.engine.begin() as conn:
-                            _insert_workflows(client, conn, statuses)
+                            _insert_workflows(client, conn, statuses, int(time.time() * 1000))
                     times[way].append(time.perf_counter() - t1)
                     build.append(t1 - t0)
         finally:

@@ -5,7 +5,7 @@ Per repetition and backend, side by side on fresh databases:
 * ``loop``: a plain SQLAlchemy loop doing the same work as one request's transaction in
   ``workflows._record_access`` (one look-up of the request's ``accesses``/``errors`` rows
   and its user, one ``accesses`` insert), one transaction per request, on an engine built
-  as a worker builds it (``make_engine``, no pre-ping) -- the target's baseline; beside it
+  as a worker builds it (``make_engine``) -- the target's baseline; beside it
   0.1.0's baseline (an ORM session per request, three look-ups and the insert; N/4
   requests), for continuity with the earlier reports;
 * ``accessctl batch N --detach`` (the whole batch filed in one transaction before any
@@ -61,8 +61,8 @@ def loop_baseline(b: Backend, n: int) -> dict[str, Any]:
     from accessctl.db import make_engine
     from accessctl.models import Access, AccessStatus, Error, User, utcnow
 
-    # As executing_runtime builds a worker's engine (no ping before each checkout).
-    engine = make_engine(b.url, pool_size=4, pre_ping=False)
+    # As executing_runtime builds a worker's engine (db.make_engine: the same pool settings).
+    engine = make_engine(b.url, pool_size=4)
     batch_id = uuid.uuid4()
     users = [uuid.UUID(u) for u in SEED_USERS]
     try:
@@ -110,7 +110,7 @@ def loop_baseline_orm(b: Backend, n: int) -> dict[str, Any]:
     from accessctl.db import make_engine
     from accessctl.models import Access, AccessStatus, Error, User
 
-    engine = make_engine(b.url, pool_size=4, pre_ping=False)
+    engine = make_engine(b.url, pool_size=4)
     batch_id = uuid.uuid4()
     users = [uuid.UUID(u) for u in SEED_USERS]
     try:

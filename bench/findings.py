@@ -111,17 +111,18 @@ def _changes(results: dict[str, Any]) -> list[str]:
    ~{100_000 // BEFORE["children_per_s_postgres"]} s), and a kill left a runnable prefix of the batch."""
     )
 
-    # 2. plain steps
+    # 2. plain keyed transactions
     pg1, pg2 = by.get(("postgres", 1), {}), by.get(("postgres", 2), {})
     sq1, sq2 = by.get(("sqlite", 1), {}), by.get(("sqlite", 2), {})
     items.append(
-        f"""**Request transactions are plain keyed steps** — `workflows._record_access`,
-   `_record_error`, `_check_request`. Each is a DBOS step around one transaction of our own
+        f"""**Request transactions are plain keyed transactions** — `workflows._record_access`,
+   `_record_error`, `_check_request`, run by `_run_tx`. Each is one transaction of our own
    that looks the request up by its unique `request_id` (outcome and user in one round
-   trip) before writing, instead of a DBOS datasource transaction, which added its own
-   statements (about four per request) and the ownership and checkpoint bookkeeping in the
-   same transaction. Measured with one worker on Postgres:
-   {_num(pg1.get("pg_commits_per_request"), "{:.1f}")} commits per request (DBOS's claim, status and step
+   trip) before writing, so a replay finds its row and writes nothing. It replaced a DBOS
+   datasource transaction (about four statements per request of its own, plus ownership
+   and checkpoint bookkeeping) and then a DBOS step around it (two round trips and a fifth
+   of a worker's time per request); only the provider call remains a DBOS step. Measured with one worker on Postgres:
+   {_num(pg1.get("pg_commits_per_request"), "{:.1f}")} commits per request (DBOS's claim, status and output
    writes included; {BEFORE["source"]}: {BEFORE["commits_per_request_postgres_1w"]}, which also counted the
    parent's enqueue of each child and its recorded `get_result`), and
    {_num(pg1.get("rate_median"), "{:.0f}")} / {_num(pg2.get("rate_median"), "{:.0f}")} requests/s with 1 / 2 workers on
@@ -132,11 +133,12 @@ def _changes(results: dict[str, Any]) -> list[str]:
     # 3. pool, isolation, polling
     peak4 = by.get(("postgres", 4), {}).get("pg_connections_peak")
     items.append(
-        f"""**One shared pool, no pre-ping; READ COMMITTED; 0.02-s polling when unlimited** —
+        f"""**One shared pool; READ COMMITTED; 0.02-s polling when unlimited** —
    `runtime.executing_runtime`, `_dbos_config`, `queue_polling_interval`; `db.make_engine`.
    DBOS and accessctl's transactions share one engine per process (its pool sized from
-   the concurrency in `executing_runtime`, no liveness ping before each checkout, which
-   cost a round trip per checkout); the request transactions run at the engine's default isolation (READ
+   the concurrency in `executing_runtime`, so connections are kept instead of opened per
+   request; the liveness ping before each checkout stays: ~10% of the rate with the limit
+   lifted, for a pool that survives a database restart); the request transactions run at the engine's default isolation (READ
    COMMITTED on Postgres); with `ACCESSCTL_RATE_LIMIT=none` the request queue polls every
    0.02 s so a finished request's slot is refilled quickly. Measured: workers reached their
    first request {_num(pg1.get("launch_s_median"), "{:.2f}")} s after starting (Postgres, 1 worker, median);
@@ -257,7 +259,7 @@ def _misses(results: dict[str, Any]) -> list[str]:
         cost = (
             f" Each request cost {_num(run.get('pg_commits_per_request'), '{:.1f}')} commits and "
             f"{_num(run.get('pg_rows_written_per_request'), '{:.1f}')} row writes on Postgres, against the "
-            "loop's 1 commit and 1 row: DBOS's claim, its step record and status updates are "
+            "loop's 1 commit and 1 row: DBOS's claim and its status and output writes are "
             "the difference, not the request's own transaction."
             if kind == "postgres" and run.get("pg_commits_per_request")
             else ""
@@ -292,15 +294,17 @@ def _misses(results: dict[str, Any]) -> list[str]:
                 f"help ({'not measured' if gain is None else f'{gain:+.0%} with 20'}), so the "
                 "per-request work is the limit: "
                 + (
-                    "DBOS's sequential round trips per request (claim, step record, status)"
+                    "DBOS's sequential round trips per request (claim, status, output)"
                     if kind == "postgres"
-                    else "DBOS's claim, step record and status writes, each a SQLite write "
+                    else "DBOS's claim, status and output writes, each a SQLite write "
                     "transaction under the one write lock, with the worker's Python around them"
                 )
             )
         roles = ", ".join(f"{n} {p:.0f}%" for n, p in (prof or {}).get("roles", [])[:3])
         out.append(
-            f"**Throughput on {kind}: {'; '.join(what)}** with {best['workers']} worker(s): {why}"
+            f"**Throughput on {kind}"
+            + ("" if kind == "postgres" else " (reported against the Postgres targets)")
+            + f": {'; '.join(what)}** with {best['workers']} worker(s): {why}"
             + (f" (profile of worker 0: {roles})" if roles else "")
             + "."
             + cost
@@ -432,7 +436,7 @@ def findings(results: dict[str, Any], facts: dict[str, Any]) -> str:
 
 {changes}
 
-### Targets this run missed: why, and what would close them{quick}
+### Targets (and SQLite's reported figures) this run missed: why, and what would close them{quick}
 
 {missed}
 """

@@ -391,21 +391,33 @@ def _throughput(sec: dict[str, Any]) -> tuple[str, list[list[str]], dict[str, An
             continue
         best = max(mine, key=lambda s: s["rate_median"])
         facts[kind] = best
+        # The issue sets both throughput targets on Postgres and asks for "the same run on
+        # SQLite": SQLite's figures are reported against the same bars, not judged by them.
+        judged = kind == "postgres"
+        label = "" if judged else " (reported; the target is set on Postgres)"
         summary_rows.append(
             [
-                f"2. throughput, {kind}, ≤2 workers: ≥150 req/s ({10_000:,} requests)",
+                f"2. throughput, {kind}, ≤2 workers: ≥150 req/s ({10_000:,} requests){label}",
                 f"{best['rate_median']:.1f} req/s with {best['workers']} worker(s), median of {best['runs']} "
                 f"(N={n:,}; steady state {best['steady_rate_median']:.1f})",
-                _sized(best["rate_median"] >= 150, n, 10_000),
+                _sized(best["rate_median"] >= 150, n, 10_000)
+                if judged
+                else ("at or above the bar" if best["rate_median"] >= 150 else "below the bar"),
             ]
         )
         summary_rows.append(
             [
-                f"2. throughput, {kind}: within 6× of a plain SQLAlchemy loop (same run)",
+                f"2. throughput, {kind}: within 6× of a plain SQLAlchemy loop (same run){label}",
                 f"loop {best['loop_rate_median']:.0f} req/s = {best['loop_ratio_median']:.2f}× accessctl "
                 f"({best['workers']} worker(s); ratio per repetition, median; 0.1.0's ORM loop: "
                 f"{_fmt(best.get('orm_loop_ratio_median'), 2)}×)",
-                _sized(best["loop_ratio_median"] <= 6, n, 10_000),
+                _sized(best["loop_ratio_median"] <= 6, n, 10_000)
+                if judged
+                else (
+                    "within 6×"
+                    if best["loop_ratio_median"] <= 6
+                    else "beyond 6× (see Findings: SQLite's loop commits without a server)"
+                ),
             ]
         )
     profiles = "\n".join(
@@ -594,7 +606,7 @@ def _reading(sec: dict[str, Any]) -> str:
     if pg1 and pg1.get("pg_commits_per_request") == pg1.get("pg_commits_per_request"):
         out.append(
             f"* Per request, Postgres counted {pg1['pg_commits_per_request']:.1f} commits with one "
-            "worker (DBOS's claim, status and step writes, the request's own transaction, and the "
+            "worker (DBOS's claim, status and output writes, the request's own transaction, and the "
             "queue's polling and `run_batch`'s counting spread over the requests)."
         )
     return "\n".join(out)
