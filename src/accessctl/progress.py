@@ -34,7 +34,7 @@ def eta_seconds(
 
 
 class ProgressReporter:
-    """Call ``update(progress)`` with the batch's progress event; use as a context manager."""
+    """Call ``update(progress)`` with the batch's counts as it runs; use as a context manager."""
 
     def __init__(self, rate_limit: RateLimit | None, *, interactive: bool | None = None) -> None:
         self.rate_limit = rate_limit
