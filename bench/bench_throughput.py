@@ -30,6 +30,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,50 +56,63 @@ from common import (
 )
 
 
-def loop_baseline(b: Backend, n: int) -> dict[str, Any]:
-    """One transaction per request, the statements of ``_record_access``: the floor the
-    durable path is compared to."""
+def _timed_loop(
+    b: Backend, n: int, prefix: str, one: Callable[[sa.Engine, str, uuid.UUID, uuid.UUID], None]
+) -> tuple[float, int]:
+    """Time ``one(engine, request_id, user_id, batch_id)`` for n requests on an engine built
+    as a worker builds it (db.make_engine: the same pool settings); returns (seconds,
+    accesses rows written)."""
     from accessctl.db import make_engine
-    from accessctl.models import Access, AccessStatus, Error, User, utcnow
+    from accessctl.models import Access
 
-    # As executing_runtime builds a worker's engine (db.make_engine: the same pool settings).
     engine = make_engine(b.url, pool_size=4)
     batch_id = uuid.uuid4()
     users = [uuid.UUID(u) for u in SEED_USERS]
     try:
         t0 = time.perf_counter()
         for i in range(n):
-            request_id = f"loop-{batch_id}-{i:07d}"
-            user_id = users[i % len(users)]
-            with engine.begin() as conn:
-                recorded = (
-                    sa.select(Access.id).where(Access.request_id == request_id).scalar_subquery()
-                )
-                failed = sa.select(Error.id).where(Error.request_id == request_id).scalar_subquery()
-                user = sa.select(User.id).where(User.id == user_id).scalar_subquery()
-                row = conn.execute(sa.select(recorded, failed, user)).one()
-                if row[0] is not None or row[1] is not None or row[2] is None:
-                    continue
-                now = utcnow()
-                conn.execute(
-                    sa.insert(Access).values(
-                        id=uuid.uuid4(),
-                        user_id=user_id,
-                        status=AccessStatus.REQUESTED,
-                        request_id=request_id,
-                        batch_id=batch_id,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+            one(engine, f"{prefix}-{batch_id}-{i:07d}", users[i % len(users)], batch_id)
         elapsed = time.perf_counter() - t0
-        written = 0
         with engine.connect() as conn:
             written = int(
                 conn.scalar(sa.select(sa.func.count()).where(Access.batch_id == batch_id)) or 0
             )
     finally:
         engine.dispose()
+    return elapsed, written
+
+
+def loop_baseline(b: Backend, n: int) -> dict[str, Any]:
+    """One transaction per request, the statements of ``_record_access``: the floor the
+    durable path is compared to."""
+    from accessctl.models import Access, AccessStatus, Error, User, utcnow
+
+    def one(engine: sa.Engine, request_id: str, user_id: uuid.UUID, batch_id: uuid.UUID) -> None:
+        with engine.begin() as conn:
+            recorded = sa.select(Access.id).where(Access.request_id == request_id)
+            failed = sa.select(Error.id).where(Error.request_id == request_id)
+            user = sa.select(User.id).where(User.id == user_id)
+            row = conn.execute(
+                sa.select(
+                    recorded.scalar_subquery(), failed.scalar_subquery(), user.scalar_subquery()
+                )
+            ).one()
+            if row[0] is not None or row[1] is not None or row[2] is None:
+                return
+            now = utcnow()
+            conn.execute(
+                sa.insert(Access).values(
+                    id=uuid.uuid4(),
+                    user_id=user_id,
+                    status=AccessStatus.REQUESTED,
+                    request_id=request_id,
+                    batch_id=batch_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
+    elapsed, written = _timed_loop(b, n, "loop", one)
     return {"n": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1), "written": written}
 
 
@@ -107,35 +121,26 @@ def loop_baseline_orm(b: Backend, n: int) -> dict[str, Any]:
     look-ups 0.1.0's request transaction did (accesses, errors, the user) and the insert."""
     from sqlalchemy.orm import Session
 
-    from accessctl.db import make_engine
     from accessctl.models import Access, AccessStatus, Error, User
 
-    engine = make_engine(b.url, pool_size=4)
-    batch_id = uuid.uuid4()
-    users = [uuid.UUID(u) for u in SEED_USERS]
-    try:
-        t0 = time.perf_counter()
-        for i in range(n):
-            request_id = f"orm-{batch_id}-{i:07d}"
-            user_id = users[i % len(users)]
-            with Session(engine) as session, session.begin():
-                if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)):
-                    continue
-                if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)):
-                    continue
-                if session.get(User, user_id) is None:
-                    continue
-                session.add(
-                    Access(
-                        user_id=user_id,
-                        status=AccessStatus.REQUESTED,
-                        request_id=request_id,
-                        batch_id=batch_id,
-                    )
+    def one(engine: sa.Engine, request_id: str, user_id: uuid.UUID, batch_id: uuid.UUID) -> None:
+        with Session(engine) as session, session.begin():
+            if session.scalar(sa.select(Access.id).where(Access.request_id == request_id)):
+                return
+            if session.scalar(sa.select(Error.id).where(Error.request_id == request_id)):
+                return
+            if session.get(User, user_id) is None:
+                return
+            session.add(
+                Access(
+                    user_id=user_id,
+                    status=AccessStatus.REQUESTED,
+                    request_id=request_id,
+                    batch_id=batch_id,
                 )
-        elapsed = time.perf_counter() - t0
-    finally:
-        engine.dispose()
+            )
+
+    elapsed, _ = _timed_loop(b, n, "orm", one)
     return {"n": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1)}
 
 

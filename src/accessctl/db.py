@@ -54,6 +54,12 @@ def _is_secret_param(name: str) -> bool:
     return "password" in name.lower()
 
 
+def dbos_table(engine: sa.Engine, name: str = "workflow_status") -> str:
+    """A DBOS system table as raw SQL names it: in the ``dbos`` schema on Postgres, bare in
+    the SQLite file."""
+    return name if engine.dialect.name == "sqlite" else f"dbos.{name}"
+
+
 def hide_password(url: str) -> str:
     """The URL with any password (userinfo or query) replaced by ``***``, safe to show."""
     try:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from accessctl.db import is_sqlite_url, sqlite_path
+from accessctl.db import dbos_table, is_sqlite_url, sqlite_path
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -183,10 +183,6 @@ def make_lease(engine: sa.Engine, executor_id: str) -> Lease:
     )
 
 
-def _workflow_table(engine: sa.Engine) -> str:
-    return "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
-
-
 def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
     """Executor IDs that own PENDING workflows of this application version."""
     import sqlalchemy as sa
@@ -194,7 +190,7 @@ def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                f"SELECT DISTINCT executor_id FROM {_workflow_table(engine)} "
+                f"SELECT DISTINCT executor_id FROM {dbos_table(engine)} "
                 "WHERE status = 'PENDING' AND application_version = :v"
             ),
             {"v": app_version},
@@ -242,7 +238,7 @@ class Adopter:
                 sa.text(
                     f"SELECT workflow_uuid, queue_name = :q AND started_at_epoch_ms IS NOT NULL "
                     f"AND started_at_epoch_ms > {now} - :period AS in_window "
-                    f"FROM {_workflow_table(engine)} WHERE status = 'PENDING' "
+                    f"FROM {dbos_table(engine)} WHERE status = 'PENDING' "
                     "AND executor_id = :e AND application_version = :v"
                 ),
                 {

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from accessctl.db import dbos_table
 from accessctl.models import Error
 
 FINISHED = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
@@ -35,8 +36,7 @@ KEYED_BY_WORKFLOW = (
 
 
 def _tables(engine: sa.Engine) -> tuple[str, list[tuple[str, str]]]:
-    prefix = "" if engine.dialect.name == "sqlite" else "dbos."
-    return f"{prefix}workflow_status", [(f"{prefix}{t}", c) for t, c in KEYED_BY_WORKFLOW]
+    return dbos_table(engine), [(dbos_table(engine, t), c) for t, c in KEYED_BY_WORKFLOW]
 
 
 def prune(engine: sa.Engine, cutoff: datetime, *, dry_run: bool) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from accessctl.db import dbos_table
 from accessctl.errors import UsageError
 from accessctl.models import Access, Batch, Error, User
 
@@ -160,7 +161,7 @@ def list_batches(
                 .group_by(Error.batch_id)
             ).all()
         )
-    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    table = dbos_table(engine)
     workflow_ids = [batch_workflow_id(str(b)) for b in ids]
     stmt = sa.text(
         f"SELECT workflow_uuid, status, executor_id FROM {table} WHERE workflow_uuid IN :ids"

@@ -6,13 +6,14 @@ import threading
 
 import sqlalchemy as sa
 
+from accessctl.db import dbos_table
 from accessctl.runtime import Runtime
 from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
 
 
 def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
     """Queued work anyone may take, plus work this executor is running."""
-    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    table = dbos_table(engine)
     stmt = sa.text(
         f"SELECT count(*) FROM {table} WHERE application_version = :v AND ("
         "(status = 'ENQUEUED' AND queue_name IN (:q1, :q2)) "

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 
-from accessctl.db import describe_db_error, sqlstate_of
+from accessctl.db import dbos_table, describe_db_error, sqlstate_of
 from accessctl.models import Access, AccessStatus, Error, User, utcnow
 
 if TYPE_CHECKING:
@@ -246,16 +246,14 @@ def _seconds_since_start(workflow_id: str) -> float:
     """How long ago the limiter admitted this attempt, on the database's clock (the one
     DBOS stamps starts with), so hosts' clock skew does not matter."""
     engine = _runtime().engine
-    if engine.dialect.name == "sqlite":
-        sql = (
-            "SELECT CAST(strftime('%s','now') * 1000 AS INTEGER) - started_at_epoch_ms "
-            "FROM workflow_status WHERE workflow_uuid = :w"
-        )
-    else:
-        sql = (
-            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) "
-            "- started_at_epoch_ms FROM dbos.workflow_status WHERE workflow_uuid = :w"
-        )
+    now_ms = (
+        "CAST(strftime('%s','now') * 1000 AS INTEGER)"
+        if engine.dialect.name == "sqlite"
+        else "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    )
+    sql = (
+        f"SELECT {now_ms} - started_at_epoch_ms FROM {dbos_table(engine)} WHERE workflow_uuid = :w"
+    )
     with engine.connect() as conn:
         elapsed_ms = conn.execute(sa.text(sql), {"w": workflow_id}).scalar()
     return (elapsed_ms or 0) / 1000
@@ -368,25 +366,19 @@ def _provider_attempt(
         if attempt < retry["max_attempts"] and waited + delay <= retry["deadline"]:
             _enqueue_next(batch_id, user_id, rid, attempt + 1, retry, tries, waited + delay, delay)
             return "requeued"
-        message = error_message(
-            batch_id=batch_id,
-            request_id=rid,
-            user_id=user_id,
-            error_class="ProviderUnavailable",
-            detail=f"gave up after {attempt} attempt(s): {answer.get('detail') or 'no answer'}",
-            http_status=answer.get("http_status"),
-            attempt=attempt,
-        )
+        error_class = "ProviderUnavailable"
+        detail = f"gave up after {attempt} attempt(s): {answer.get('detail') or 'no answer'}"
     else:  # "refused"
-        message = error_message(
-            batch_id=batch_id,
-            request_id=rid,
-            user_id=user_id,
-            error_class="ProviderRefused",
-            detail=answer["detail"],
-            http_status=answer["http_status"],
-            attempt=attempt,
-        )
+        error_class, detail = "ProviderRefused", answer["detail"]
+    message = error_message(
+        batch_id=batch_id,
+        request_id=rid,
+        user_id=user_id,
+        error_class=error_class,
+        detail=detail,
+        http_status=answer.get("http_status"),
+        attempt=attempt,
+    )
     return str(_run_tx(_record_error, rid, batch_id, message))
 
 
@@ -444,7 +436,7 @@ def _requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
     written this is usually none; a try cut off by a crash after writing its row is still
     PENDING until an executor adopts it, and the batch waits for it, so a finished batch
     leaves no work behind. Rides DBOS's in-flight index (queue, status)."""
-    table = "workflow_status" if engine.dialect.name == "sqlite" else "dbos.workflow_status"
+    table = dbos_table(engine)
     sql = sa.text(
         f"SELECT count(*) FROM {table} WHERE queue_name = :q "
         "AND status IN ('ENQUEUED', 'PENDING', 'DELAYED') AND workflow_uuid LIKE :p"
