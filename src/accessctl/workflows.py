@@ -15,17 +15,18 @@ queue after launch (``bind``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 
 from accessctl.db import dbos_table, describe_db_error, sqlstate_of
-from accessctl.models import Access, AccessStatus, Error, User, utcnow
+from accessctl.models import Access, AccessStatus, Batch, Error, User, utcnow
 
 if TYPE_CHECKING:
     from dbos import Queue
@@ -54,6 +55,7 @@ class Summary(TypedDict):
     total: int
     recorded: int
     failed: int
+    state: NotRequired[str]  # batch_state.BatchState; absent from a follower's own result
 
 
 class _Bound:
@@ -149,10 +151,12 @@ def error_message(
 # --- transactions (each one database transaction, keyed by the request's ID) --------------
 
 
-def _lookup(conn: sa.Connection, request_id: str, user_id: str | None) -> tuple[str | None, bool]:
-    """(the request's outcome if it has its row, whether its user exists), in one round
-    trip. A request's outcome is keyed by its durable ID: whatever re-runs, it is written
-    once."""
+def _lookup(
+    conn: sa.Connection, request_id: str, user_id: str | None, batch_id: str | None = None
+) -> tuple[str | None, bool, bool]:
+    """(the request's outcome if it has its row, whether its user exists, whether its batch
+    was cancelled), in one round trip. A request's outcome is keyed by its durable ID:
+    whatever re-runs, it is written once."""
     recorded = sa.select(Access.id).where(Access.request_id == request_id).scalar_subquery()
     failed = sa.select(Error.id).where(Error.request_id == request_id).scalar_subquery()
     user = (
@@ -160,9 +164,14 @@ def _lookup(conn: sa.Connection, request_id: str, user_id: str | None) -> tuple[
         if user_id is not None
         else sa.null()
     )
-    row = conn.execute(sa.select(recorded, failed, user)).one()
+    cancelled = (
+        sa.select(Batch.cancelled_at).where(Batch.id == uuid.UUID(batch_id)).scalar_subquery()
+        if batch_id is not None
+        else sa.null()
+    )
+    row = conn.execute(sa.select(recorded, failed, user, cancelled)).one()
     outcome = "recorded" if row[0] is not None else "failed" if row[1] is not None else None
-    return outcome, row[2] is not None
+    return outcome, row[2] is not None, row[3] is not None
 
 
 def _add_error(conn: sa.Connection, request_id: str, batch_id: str, message: dict[str, Any]) -> str:
@@ -189,14 +198,33 @@ def _add_unknown_user(conn: sa.Connection, request_id: str, batch_id: str, user_
     return _add_error(conn, request_id, batch_id, message)
 
 
+def _add_cancelled(conn: sa.Connection, request_id: str, batch_id: str, user_id: str | None) -> str:
+    message = error_message(
+        batch_id=batch_id,
+        request_id=request_id,
+        user_id=user_id,
+        error_class="Cancelled",
+        detail="the batch was cancelled before this request started",
+    )
+    return _add_error(conn, request_id, batch_id, message)
+
+
 def _record_access(
-    request_id: str, batch_id: str, user_id: str, status: str = AccessStatus.REQUESTED.value
+    request_id: str,
+    batch_id: str,
+    user_id: str,
+    status: str = AccessStatus.REQUESTED.value,
+    *,
+    before_call: bool = True,
 ) -> str:
-    """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user."""
+    """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user (or
+    for a cancelled batch, when nothing was called yet)."""
     with _runtime().engine.begin() as conn:
-        existing, user_exists = _lookup(conn, request_id, user_id)
+        existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
         if existing is not None:
             return existing
+        if cancelled and before_call:
+            return _add_cancelled(conn, request_id, batch_id, user_id)
         if not user_exists:
             return _add_unknown_user(conn, request_id, batch_id, user_id)
         now = utcnow()
@@ -216,7 +244,7 @@ def _record_access(
 
 def _record_error(request_id: str, batch_id: str, message: dict[str, Any]) -> str:
     with _runtime().engine.begin() as conn:
-        existing, _ = _lookup(conn, request_id, None)
+        existing, _, _ = _lookup(conn, request_id, None)
         return existing or _add_error(conn, request_id, batch_id, message)
 
 
@@ -234,11 +262,14 @@ def is_transient(exc: BaseException) -> bool:
 
 def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
-    its row, ``"failed"`` (with its row) for an unknown user, else ``"ready"``."""
+    its row, ``"failed"`` (with its row) for an unknown user or a cancelled batch, else
+    ``"ready"``."""
     with _runtime().engine.begin() as conn:
-        existing, user_exists = _lookup(conn, request_id, user_id)
+        existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
         if existing is not None:
             return existing
+        if cancelled:
+            return _add_cancelled(conn, request_id, batch_id, user_id)
         return "ready" if user_exists else _add_unknown_user(conn, request_id, batch_id, user_id)
 
 
@@ -356,7 +387,16 @@ def _provider_attempt(
     answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
     outcome = answer["outcome"]
     if outcome in ("approved", "rejected", "requested"):
-        return str(_run_tx(_record_access, rid, batch_id, user_id, outcome))
+        # The provider acted: its answer is recorded even if the batch was cancelled since.
+        return str(
+            _run_tx(
+                functools.partial(_record_access, before_call=False),
+                rid,
+                batch_id,
+                user_id,
+                outcome,
+            )
+        )
     if outcome == "late":
         # Admitted but not called in time: no provider attempt was spent.
         _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0)
@@ -431,7 +471,38 @@ def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
     return int(recorded or 0), int(failed or 0)
 
 
-def _requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
+def record_outcome(engine: sa.Engine, batch_id: str) -> tuple[int, int, str]:
+    """Store a batch's outcome in its ``batches`` row, once: (recorded, failed, state).
+    Written when the batch ends (and by prune before it removes anything the counts are
+    read from), so its report survives pruning. Running it again changes nothing."""
+    from accessctl.batch_state import BatchState
+
+    bid = uuid.UUID(batch_id)
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa.select(
+                Batch.total, Batch.recorded, Batch.failed, Batch.state, Batch.cancelled_at
+            ).where(Batch.id == bid)
+        ).one()
+        if row.state is not None:
+            return int(row.recorded or 0), int(row.failed or 0), str(row.state)
+        recorded = int(conn.scalar(sa.select(sa.func.count()).where(Access.batch_id == bid)) or 0)
+        failed = int(conn.scalar(sa.select(sa.func.count()).where(Error.batch_id == bid)) or 0)
+        if row.cancelled_at is not None:
+            state = BatchState.CANCELLED
+        elif recorded + failed >= row.total:
+            state = BatchState.DONE
+        else:
+            state = BatchState.FAILED
+        conn.execute(
+            sa.update(Batch)
+            .where(Batch.id == bid, Batch.state.is_(None))
+            .values(recorded=recorded, failed=failed, state=str(state), finished_at=utcnow())
+        )
+    return recorded, failed, str(state)
+
+
+def requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
     """Request workflows of this batch still queued, delayed or running. Once every row is
     written this is usually none; a try cut off by a crash after writing its row is still
     PENDING until an executor adopts it, and the batch waits for it, so a finished batch
@@ -457,6 +528,10 @@ def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
         load_output=False,
     )
     recorded = 0
+    with engine.connect() as conn:
+        cancelled = conn.scalar(
+            sa.select(Batch.cancelled_at).where(Batch.id == uuid.UUID(batch_id))
+        )
     for workflow in ended:
         args = list(workflow.input["args"]) if workflow.input else []
         user_id = args[1] if len(args) > 1 else None
@@ -465,12 +540,12 @@ def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
             batch_id=batch_id,
             request_id=rid,
             user_id=user_id,
-            error_class="RequestEnded",
+            error_class="Cancelled" if cancelled is not None else "RequestEnded",
             detail=f"request workflow {workflow.workflow_id} ended {workflow.status} "
             "without recording an outcome",
         )
         with engine.begin() as conn:
-            existing, _ = _lookup(conn, rid, None)
+            existing, _, _ = _lookup(conn, rid, None)
             if existing is None:
                 _add_error(conn, rid, batch_id, message)
                 recorded += 1
@@ -490,7 +565,8 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
     while True:
         try:
             recorded, failed = outcome_counts(engine, batch_id)
-            if recorded + failed >= total and not _requests_in_flight(engine, batch_id):
+            if recorded + failed >= total and not requests_in_flight(engine, batch_id):
+                recorded, failed, _ = record_outcome(engine, batch_id)
                 return {
                     "batch_id": batch_id,
                     "key": key,
