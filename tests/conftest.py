@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
 from accessctl.cli import app
+from accessctl.errors import AccessctlError
+from accessctl.settings import parse_rate_limit
 
 POSTGRES_URL = os.environ.get("ACCESSCTL_TEST_POSTGRES_URL", "").strip()
 # A limiter fast enough for tests, slow enough to be visible: 5 starts per 0.5 s.
@@ -107,6 +109,13 @@ class Cli:
         if not wanted or not LIMITED_COMMANDS & set(args):
             return
         if all(current.get(k) == v for k, v in wanted.items()):
+            return
+        try:  # a malformed value is the test's subject: the command itself must refuse it
+            if "ACCESSCTL_RATE_LIMIT" in wanted:
+                parse_rate_limit(wanted["ACCESSCTL_RATE_LIMIT"], "test")
+            if "ACCESSCTL_CONCURRENCY" in wanted and int(wanted["ACCESSCTL_CONCURRENCY"]) < 1:
+                return
+        except (AccessctlError, ValueError):
             return
         command = ["limit", "set"]
         if "ACCESSCTL_RATE_LIMIT" in wanted:

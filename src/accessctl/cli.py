@@ -661,6 +661,7 @@ def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
     from accessctl.render import print_json
     from accessctl.runtime import filing_client, open_engine
     from accessctl.schema import migrate as run_migrations
+    from accessctl.schema import migration_lock
 
     settings = _settings(ctx)
     engine = open_engine(settings)
@@ -669,7 +670,9 @@ def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
         client = filing_client(settings, engine)
         try:
             # A new database gets the configured limit; an existing one keeps its own.
-            shared = ensure_shared_limit(client, engine, settings, reason="migrate")
+            # Under the migration lock, so concurrent migrates store and record it once.
+            with migration_lock(engine):
+                shared = ensure_shared_limit(client, engine, settings, reason="migrate")
         finally:
             client.destroy()
     finally:

@@ -193,19 +193,27 @@ def _write(
     client.register_queue(
         BATCH_QUEUE_NAME, polling_interval_sec=batch_poll_interval, on_conflict="never_update"
     )
+    values = {
+        "id": uuid.uuid4(),
+        "changed_at": utcnow(),
+        "changed_by": _who(),
+        "reason": reason,
+        "rate_limit": limit.rate_limit.limit if limit.rate_limit else None,
+        "period": limit.rate_limit.period if limit.rate_limit else None,
+        "call_slack": limit.call_slack,
+        "concurrency": limit.concurrency,
+    }
     with engine.begin() as conn:
-        conn.execute(
-            sa.insert(LimitChange).values(
-                id=uuid.uuid4(),
-                changed_at=utcnow(),
-                changed_by=_who(),
-                reason=reason,
-                rate_limit=limit.rate_limit.limit if limit.rate_limit else None,
-                period=limit.rate_limit.period if limit.rate_limit else None,
-                call_slack=limit.call_slack,
-                concurrency=limit.concurrency,
+        if overwrite:
+            conn.execute(sa.insert(LimitChange).values(**values))
+        else:
+            # The first store: recorded once, however many processes raced to store it
+            # (SQLite serializes the statement; Postgres's migrate holds its lock).
+            columns = list(values)
+            chosen = sa.select(*(sa.literal(values[c]) for c in columns)).where(
+                ~sa.exists().select_from(LimitChange)
             )
-        )
+            conn.execute(sa.insert(LimitChange).from_select(columns, chosen))
 
 
 def ensure_shared_limit(
