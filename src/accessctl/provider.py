@@ -270,7 +270,8 @@ def classify(
     else:
         text = decoded.decode("utf-8", errors="replace")
     if problem:
-        text = f"{text} [{problem}]" if text else f"[{problem}]"
+        # First, so the cut to MAX_DETAIL characters keeps it.
+        text = f"[{problem}] {text}" if text else f"[{problem}]"
     if 300 <= status < 400:
         location = redact_url(redact_text(lower.get("location", ""), secrets, limit=None))
         return _result(
