@@ -422,3 +422,36 @@ def test_retry_resends_the_original_key_only_where_the_provider_may_have_acted(c
     assert everything[refused][-1] in rows
     assert everything[unknown] == [k for k in everything[unknown] if k in rows]
     assert len(everything[unknown]) == 1
+
+
+def stored_request_args(cli: Cli) -> dict[str, list[Any]]:
+    """Each request workflow's stored positional inputs, as DBOS serialized them."""
+    import base64
+    import pickle
+
+    table = "workflow_input" if cli.database_url.startswith("sqlite") else "dbos.workflow_input"
+    found: dict[str, list[Any]] = {}
+    for workflow_id, inputs in cli.rows(f"SELECT workflow_uuid, inputs FROM {table}"):
+        if workflow_id.startswith("req-"):
+            found[workflow_id] = list(pickle.loads(base64.b64decode(inputs))["args"])
+    return found
+
+
+def test_only_a_retry_of_a_possibly_filed_request_stores_a_key(cli: Cli) -> None:
+    """An ordinary request's stored inputs are as the previous release wrote them (so work
+    it queued replays unchanged); a retried one appends its original key as the last."""
+    users = cli.add_users(1)
+    with FakeProvider(fail=[(503, 1)]) as provider:
+        env = provider_env(provider, ACCESSCTL_PROVIDER_MAX_ATTEMPTS="1")
+        first = cli.json("batch", "1", *user_args(users), "--json", **env)
+        assert first["failed"] == 1
+        before = stored_request_args(cli)
+        retried = cli.json("retry", first["batch_id"], "--json", **env)
+        assert retried["recorded"] == 1
+        keys = [c.key for c in provider.calls]
+    [(original_id, original_args)] = before.items()
+    assert len(original_args) == 5  # batch_id, user_id, request_id, attempt, retry
+    after = {k: v for k, v in stored_request_args(cli).items() if k not in before}
+    [retry_args] = after.values()
+    assert len(retry_args) == 8 and retry_args[7] == original_id
+    assert keys == [original_id, original_id]
