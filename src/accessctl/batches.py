@@ -42,10 +42,15 @@ class BatchRequest:
     key: str | None
     batch_id: str = ""
     retry_of: str | None = None
+    # Parallel to ``user_ids`` (a retry's): the idempotency key each request's provider
+    # calls must carry instead of its own request ID, or None for its own.
+    idempotency_keys: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.user_ids and not self.invalid:
             raise UsageError("no user IDs to file")
+        if self.idempotency_keys is not None and len(self.idempotency_keys) != len(self.user_ids):
+            raise ValueError("idempotency_keys must be parallel to user_ids")
         if not self.batch_id:
             self.batch_id = batch_id_for_key(self.key) if self.key else str(uuid.uuid4())
 

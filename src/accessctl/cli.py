@@ -245,11 +245,18 @@ def _file(
     detach: bool,
     as_json: bool,
     retry_of: str | None = None,
+    idempotency_keys: list[str | None] | None = None,
 ) -> None:
     from accessctl.batches import BatchRequest, enqueue_detached, run_attached
     from accessctl.render import print_json, print_summary
 
-    request = BatchRequest(user_ids=user_ids, invalid=invalid, key=key, retry_of=retry_of)
+    request = BatchRequest(
+        user_ids=user_ids,
+        invalid=invalid,
+        key=key,
+        retry_of=retry_of,
+        idempotency_keys=idempotency_keys,
+    )
     if detach:
         from accessctl.runtime import database
 
@@ -590,6 +597,8 @@ def retry(
         detach=detach,
         as_json=as_json,
         retry_of=source,
+        # A request the provider may have filed is re-sent under its original key.
+        idempotency_keys=[r["idempotency_key"] for r in failed],
     )
 
 

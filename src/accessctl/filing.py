@@ -185,6 +185,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                 ],
                 created_ms,
             )
+            keys = request.idempotency_keys
             for start in range(0, len(request.user_ids), CHUNK):
                 statuses = [
                     _status(
@@ -197,6 +198,9 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                         None,
                         1,
                         retry,
+                        # A retried request's original key (file_request's last parameter),
+                        # only when it has one: other requests' inputs are as before.
+                        *((1, 0.0, keys[index]) if keys and keys[index] else ()),
                     )
                     for index, user_id in enumerate(
                         request.user_ids[start : start + CHUNK], start=start

@@ -213,14 +213,36 @@ def list_batches(
     return result
 
 
+# Failures after which the provider definitely did not file the request: a retry of it
+# is a new request, with a new idempotency key. After any other failure the provider may
+# have acted, and a retry must present the original key.
+_NOT_FILED = ("UnknownUser", "InvalidUserId")
+
+
+def retry_key(message: dict[str, Any], request_id: str | None) -> str | None:
+    """The idempotency key a retry of this failed request must send, or None for a new
+    one: the key the request itself sent (the very first request's ID, however many
+    retries ago), unless the provider certainly did not act on it (an unknown user, an
+    invalid ID, or a definite refusal: a 3xx or 4xx other than 429)."""
+    error_class = message.get("error_class")
+    status = message.get("http_status")
+    if error_class in _NOT_FILED:
+        return None
+    if error_class == "ProviderRefused" and isinstance(status, int) and 300 <= status < 500:
+        return None
+    key = message.get("idempotency_key") or request_id
+    return str(key) if key else None
+
+
 def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
-    """The failed requests of a batch that can be filed again (they name a user)."""
+    """The failed requests of a batch that can be filed again (they name a user), each
+    with the idempotency key its retry must send (``retry_key``)."""
     bid = parse_uuid(batch_id, "batch ID")
     with engine.connect() as conn:
         if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
             raise UsageError(f"no batch with ID {bid}")
         rows = conn.execute(
-            sa.select(Error.id, Error.message, Error.created_at)
+            sa.select(Error.id, Error.message, Error.created_at, Error.request_id)
             .where(Error.batch_id == bid)
             .order_by(Error.created_at, Error.id)
         ).all()
@@ -229,6 +251,7 @@ def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
             "error_id": str(r.id),
             "user_id": r.message.get("user_id"),
             **{"error_class": r.message.get("error_class")},
+            "idempotency_key": retry_key(r.message, r.request_id),
         }
         for r in rows
         if isinstance(r.message, dict) and r.message.get("user_id")

@@ -253,4 +253,5 @@ def map_runtime_error(exc: BaseException, settings: Settings) -> Exception:
     url = hide_password(settings.database_url)
     if isinstance(exc, (ConfigError, DatabaseUnreachable, SchemaNotMigrated)):
         return exc
-    return DatabaseUnreachable(f"database {url} failed: {describe_db_error(exc)}")
+    detail = describe_db_error(exc, url=settings.database_url)
+    return DatabaseUnreachable(f"database {url} failed: {detail}")

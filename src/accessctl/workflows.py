@@ -291,8 +291,11 @@ def _seconds_since_start(workflow_id: str) -> float:
 
 
 @DBOS.step(name="accessctl.call_provider")
-def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str, Any]:
-    """One provider call: a checkpointed step, so a replay does not call again.
+def call_provider_step(
+    request_id: str, user_id: str, batch_id: str, idempotency_key: str | None = None
+) -> dict[str, Any]:
+    """One provider call: a checkpointed step, so a replay does not call again. Its result
+    is redacted by ``call_provider`` before DBOS stores it.
 
     The limiter admits *starts*; the provider sees *calls*. The queue's window is widened
     by ``call_slack`` and a call is only made within ``call_slack`` of its start, so any
@@ -308,7 +311,13 @@ def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str
     # provider (a busy host can pause a thread between the check and the send).
     if _seconds_since_start(workflow_id) > provider.call_slack / 2:
         return {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
-    return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
+    return call_provider(
+        provider,
+        request_id=request_id,
+        user_id=user_id,
+        batch_id=batch_id,
+        idempotency_key=idempotency_key,
+    )
 
 
 def _run_tx(transaction: Any, *args: Any) -> Any:
@@ -331,16 +340,30 @@ def _run_tx(transaction: Any, *args: Any) -> Any:
     raise last
 
 
-def _database_failure(request_id: str, batch_id: str, user_id: str, exc: BaseException) -> str:
+def _database_failure(
+    request_id: str,
+    batch_id: str,
+    user_id: str,
+    exc: BaseException,
+    idempotency_key: str | None = None,
+) -> str:
     message = error_message(
         batch_id=batch_id,
         request_id=request_id,
         user_id=user_id,
         error_class=type(exc).__name__ if not is_transient(exc) else "TransientRetriesExhausted",
-        detail=describe_db_error(exc),
+        detail=describe_db_error(exc, url=_runtime().engine.url),
         sqlstate=sqlstate_of(exc),
+        **_key_field(idempotency_key),
     )
     return str(_record_error(request_id, batch_id, message))
+
+
+def _key_field(idempotency_key: str | None) -> dict[str, str]:
+    """An errors row's record of the key its provider calls carried, when that was not
+    its own request ID (a retry of a request the provider may have acted on), so that a
+    retry of this retry still presents the very first key (``queries.failed_requests``)."""
+    return {"idempotency_key": idempotency_key} if idempotency_key else {}
 
 
 def _jitter(request_id: str, attempt: int) -> float:
@@ -358,6 +381,7 @@ def _enqueue_next(
     tries: int,
     waited: float,
     delay: float,
+    idempotency_key: str | None,
 ) -> None:
     """Send this request through the rate-limited queue again, as a new workflow (each
     try has its own ID; the request keeps ``request_id``). Enqueuing is a checkpointed
@@ -365,7 +389,17 @@ def _enqueue_next(
     options = SetEnqueueOptions(delay_seconds=delay) if delay > 0 else SetEnqueueOptions()
     with SetWorkflowID(f"{request_id}.t{tries + 1}"), options:
         _runtime().queue.enqueue(
-            file_request, batch_id, user_id, request_id, attempt, retry, tries + 1, waited
+            file_request,
+            batch_id,
+            user_id,
+            request_id,
+            attempt,
+            retry,
+            tries + 1,
+            waited,
+            # Appended only when set: the stored inputs of an ordinary request stay as
+            # they were, and a request the previous release queued replays as it was.
+            *((idempotency_key,) if idempotency_key else ()),
         )
 
 
@@ -377,6 +411,7 @@ def _provider_attempt(
     retry: dict[str, float],
     tries: int,
     waited: float,
+    idempotency_key: str | None,
 ) -> str:
     """One provider attempt: its outcome, or ``"requeued"`` once the next try is queued."""
     from accessctl.provider import backoff_seconds
@@ -384,7 +419,7 @@ def _provider_attempt(
     state = _run_tx(_check_request, rid, batch_id, user_id)
     if state != "ready":
         return str(state)
-    answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
+    answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id, idempotency_key)
     outcome = answer["outcome"]
     if outcome in ("approved", "rejected", "requested"):
         # The provider acted: its answer is recorded even if the batch was cancelled since.
@@ -399,12 +434,22 @@ def _provider_attempt(
         )
     if outcome == "late":
         # Admitted but not called in time: no provider attempt was spent.
-        _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0)
+        _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0, idempotency_key)
         return "requeued"
     if outcome == "transient":
         delay = backoff_seconds(attempt, answer.get("retry_after"), _jitter(rid, attempt))
         if attempt < retry["max_attempts"] and waited + delay <= retry["deadline"]:
-            _enqueue_next(batch_id, user_id, rid, attempt + 1, retry, tries, waited + delay, delay)
+            _enqueue_next(
+                batch_id,
+                user_id,
+                rid,
+                attempt + 1,
+                retry,
+                tries,
+                waited + delay,
+                delay,
+                idempotency_key,
+            )
             return "requeued"
         error_class = "ProviderUnavailable"
         detail = f"gave up after {attempt} attempt(s): {answer.get('detail') or 'no answer'}"
@@ -418,6 +463,7 @@ def _provider_attempt(
         detail=detail,
         http_status=answer.get("http_status"),
         attempt=attempt,
+        **_key_field(idempotency_key),
     )
     return str(_run_tx(_record_error, rid, batch_id, message))
 
@@ -431,6 +477,7 @@ def file_request(
     retry: dict[str, float] | None = None,
     tries: int = 1,
     waited: float = 0.0,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """One try at one access request; this is what the rate limiter admits.
 
@@ -438,21 +485,26 @@ def file_request(
     records the outcome, or queues the next try (``"requeued"``). ``request_id`` is the
     request's durable ID (the first try's workflow ID): its idempotency key and its row's
     key. ``retry`` (``max_attempts``, ``deadline`` seconds) was fixed when the batch was
-    filed, so every replay decides alike; ``waited`` is the backoff spent so far."""
+    filed, so every replay decides alike; ``waited`` is the backoff spent so far.
+    ``idempotency_key``, when set, is the key of the earlier request this one re-files
+    (``accessctl retry``): its calls carry that key, while its row keeps ``request_id``.
+    It is the last parameter and optional, so inputs stored by earlier releases replay."""
     rid = request_id or DBOS.workflow_id
     assert rid is not None
     policy = retry or {"max_attempts": 1, "deadline": 0.0}
     try:
         if _runtime().provider is None:
             return {"outcome": _run_tx(_record_access, rid, batch_id, user_id)}
-        outcome = _provider_attempt(batch_id, user_id, rid, attempt, policy, tries, waited)
+        outcome = _provider_attempt(
+            batch_id, user_id, rid, attempt, policy, tries, waited, idempotency_key
+        )
         return {"outcome": outcome, "attempt": attempt}
     except Exception as exc:
         from sqlalchemy.exc import DBAPIError
 
         if not isinstance(exc, DBAPIError):
             raise
-        return {"outcome": _database_failure(rid, batch_id, user_id, exc)}
+        return {"outcome": _database_failure(rid, batch_id, user_id, exc, idempotency_key)}
 
 
 # A batch whose count has not moved for this long is checked for requests that ended
@@ -536,6 +588,7 @@ def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
         args = list(workflow.input["args"]) if workflow.input else []
         user_id = args[1] if len(args) > 1 else None
         rid = args[2] if len(args) > 2 and args[2] else workflow.workflow_id
+        key = args[7] if len(args) > 7 and isinstance(args[7], str) else None
         message = error_message(
             batch_id=batch_id,
             request_id=rid,
@@ -543,6 +596,7 @@ def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
             error_class="Cancelled" if cancelled is not None else "RequestEnded",
             detail=f"request workflow {workflow.workflow_id} ended {workflow.status} "
             "without recording an outcome",
+            **_key_field(key),
         )
         with engine.begin() as conn:
             existing, _, _ = _lookup(conn, rid, None)
