@@ -726,6 +726,35 @@ def worker(
         raise Interrupted("worker stopped; queued work stays for other workers", reason())
 
 
+@app.command(epilog="Example: accessctl serve --port 8000   # curl -X POST :8000/submit")
+@handles_errors
+def serve(
+    ctx: typer.Context,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. Any non-loopback address needs a bearer token "
+            "(ACCESSCTL_SERVE_TOKEN or ACCESSCTL_SERVE_TOKEN_FILE)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
+    execute: Annotated[
+        bool,
+        typer.Option(
+            "--execute/--no-execute",
+            help="Also execute queued requests, as a worker does (default), or only file "
+            "them (a pure API front for workers).",
+        ),
+    ] = True,
+) -> None:
+    """Serve the HTTP API (POST /submit, POST /batch/{count}, GET /errors, /batches, ...)
+    on the same durable workflows, queue and shared limit as the CLI and the workers.
+    SIGTERM: stop accepting, finish in-flight work, exit 143."""
+    from accessctl.server import serve as run_server
+
+    run_server(_settings(ctx), host=host, port=port, execute=execute)
+
+
 # --- the shared limit -------------------------------------------------------------------------
 
 

@@ -256,3 +256,43 @@ def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
         for r in rows
         if isinstance(r.message, dict) and r.message.get("user_id")
     ]
+
+
+def list_errors_page(
+    engine: sa.Engine,
+    *,
+    batch: str | None,
+    since: str | None,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None = None,
+) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
+    """One page of ``list_errors`` (newest first) strictly after the keyset position
+    ``after`` (created_at, id) of the previous page's last row, and that position for this
+    page's last row when more rows follow. Keyset, not OFFSET: a page costs the same however
+    deep it is, and rows recorded meanwhile neither repeat nor shift the pages."""
+    if limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    query = sa.select(Error.id, Error.created_at, Error.message)
+    if batch is not None:
+        query = query.where(Error.batch_id == parse_uuid(batch, "--batch"))
+    if since is not None:
+        query = query.where(Error.created_at >= parse_since(since))
+    if after is not None:
+        created_at, error_id = after
+        query = query.where(
+            sa.or_(
+                Error.created_at < created_at,
+                sa.and_(Error.created_at == created_at, Error.id < error_id),
+            )
+        )
+    query = query.order_by(Error.created_at.desc(), Error.id.desc()).limit(limit + 1)
+    with engine.connect() as conn:
+        rows = list(conn.execute(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    page = [
+        {"id": str(row.id), "created_at": iso_utc(row.created_at), "message": row.message}
+        for row in rows
+    ]
+    last = (rows[-1].created_at, rows[-1].id) if more and rows else None
+    return page, last
