@@ -473,6 +473,16 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+KeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Names the batch, as the CLI's --key: the same key and body file "
+        "one batch however often they are sent; another body is refused (409).",
+    ),
+]
+
+
 def create_app(state: ServerState | None = None, *, token: str | None = None) -> FastAPI:
     """The API; with ``state`` it starts that runtime in its lifespan."""
     app = FastAPI(
@@ -524,15 +534,6 @@ def create_app(state: ServerState | None = None, *, token: str | None = None) ->
         url = state.settings.database_url if state is not None else None
         log.warning("database error", error=describe_db_error(exc, url=url))
         return JSONResponse(_error(503, "database unavailable"), status_code=503)
-
-    KeyHeader = Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            description="Names the batch, as the CLI's --key: the same key and body file "
-            "one batch however often they are sent; another body is refused (409).",
-        ),
-    ]
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
     def healthz() -> dict[str, str]:
