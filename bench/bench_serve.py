@@ -5,7 +5,11 @@
 * ``GET /errors?limit=50`` over a table of N error rows (1,000,000 by default; filled with
   one bulk INSERT as bench_startup.py does), first page and a page 20 cursors deep;
 * beside them, the CLI doing the same: ``accessctl errors --limit 50`` and
-  ``accessctl submit ID --detach`` wall time per invocation.
+  ``accessctl submit ID --detach`` wall time per invocation, in rounds interleaved with the
+  HTTP load so both meet the same machine load.
+
+The server runs ``--no-execute`` (a pure API front): an executing server would also be
+working off the batches the benchmark files, and that work would be measured as HTTP cost.
 
     uv run python bench/bench_serve.py [--backend postgres|sqlite|both] [--rows N]
         [--requests N] [--clients C]
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +50,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def load(url: str, method: str, path: str, total: int, clients: int, **kw: Any) -> dict[str, Any]:
+@dataclass
+class Figures:
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    def summary(self, clients: int) -> dict[str, Any]:
+        lat = self.latencies
+        return {
+            "requests": len(lat),
+            "clients": clients,
+            "rps": round(len(lat) / self.wall, 1),
+            "p50_ms": round(percentile(lat, 50) * 1000, 1),
+            "p95_ms": round(percentile(lat, 95) * 1000, 1),
+            "p99_ms": round(percentile(lat, 99) * 1000, 1),
+            "statuses": self.statuses,
+        }
+
+
+def load(
+    url: str, method: str, path: str, total: int, clients: int, into: Figures, **kw: Any
+) -> None:
     """``total`` requests from ``clients`` threads, each on its own keep-alive connection."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
     lock = threading.Lock()
     per_client = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
 
@@ -59,32 +83,24 @@ def load(url: str, method: str, path: str, total: int, clients: int, **kw: Any) 
                 answer = client.request(method, path, **kw)
                 elapsed = time.perf_counter() - t0
                 with lock:
-                    latencies.append(elapsed)
-                    statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+                    into.latencies.append(elapsed)
+                    into.statuses[answer.status_code] = into.statuses.get(answer.status_code, 0) + 1
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         list(pool.map(run, per_client))
-    wall = time.perf_counter() - started
-    return {
-        "requests": total,
-        "clients": clients,
-        "rps": round(total / wall, 1),
-        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
-        "p95_ms": round(percentile(latencies, 95) * 1000, 1),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-        "statuses": statuses,
-    }
+    into.wall += time.perf_counter() - started
 
 
-def cli_wall(env: dict[str, str], args: list[str], runs: int) -> dict[str, Any]:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([ACCESSCTL, *args], env=env, capture_output=True, check=True)
-        times.append(time.perf_counter() - t0)
+def cli_once(env: dict[str, str], args: list[str], into: list[float]) -> None:
+    t0 = time.perf_counter()
+    subprocess.run([ACCESSCTL, *args], env=env, capture_output=True, check=True)
+    into.append(time.perf_counter() - t0)
+
+
+def cli_summary(times: list[float]) -> dict[str, Any]:
     return {
-        "runs": runs,
+        "runs": len(times),
         "median_s": round(statistics.median(times), 3),
         "min_s": round(min(times), 3),
     }
@@ -100,7 +116,7 @@ def bench(kind: str, rows: int, requests: int, clients: int, cli_runs: int) -> d
         url = f"http://127.0.0.1:{port}"
         with open(stderr_path(f"serve-{kind}"), "wb") as err:
             server = subprocess.Popen(
-                [ACCESSCTL, "serve", "--port", str(port)],
+                [ACCESSCTL, "serve", "--port", str(port), "--no-execute"],
                 env=b.env,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -117,32 +133,42 @@ def bench(kind: str, rows: int, requests: int, clients: int, cli_runs: int) -> d
                     raise RuntimeError(f"server did not come up (exit {server.poll()})")
                 time.sleep(0.05)
             body = {"user_ids": [SEED_USERS[1]]}
-            load(url, "POST", "/submit", 20, 2, json=body)  # warm-up
-            log(f"{kind}: POST /submit x{requests}")
-            submit = load(url, "POST", "/submit", requests, clients, json=body)
-            load(url, "GET", "/errors?limit=50", 20, 2)
-            log(f"{kind}: GET /errors x{requests}")
-            errors = load(url, "GET", "/errors?limit=50", requests, clients)
+            env = {**b.env, "COLUMNS": "200"}
+            scratch = Figures()
+            load(url, "POST", "/submit", 20, 2, scratch, json=body)  # warm-up
+            load(url, "GET", "/errors?limit=50", 20, 2, scratch)
             cursor = None
             with httpx.Client(base_url=url) as client:
                 for _ in range(20):
                     params = {"limit": "50", **({"cursor": cursor} if cursor else {})}
                     cursor = client.get("/errors", params=params).json()["next_cursor"]
-            deep = load(url, "GET", f"/errors?limit=50&cursor={cursor}", requests, clients)
+            submit, errors, deep = Figures(), Figures(), Figures()
+            cli_submit: list[float] = []
+            cli_errors: list[float] = []
+            # Interleaved rounds: both sides meet the same load on this shared machine.
+            for round_ in range(cli_runs):
+                log(f"{kind}: round {round_ + 1}/{cli_runs}")
+                per_round = requests // cli_runs
+                load(url, "POST", "/submit", per_round, clients, submit, json=body)
+                cli_once(env, ["submit", SEED_USERS[1], "--detach"], cli_submit)
+                load(url, "GET", "/errors?limit=50", per_round, clients, errors)
+                cli_once(env, ["errors", "--limit", "50", "--json"], cli_errors)
+                load(url, "GET", f"/errors?limit=50&cursor={cursor}", per_round, clients, deep)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
-        log(f"{kind}: CLI figures")
-        env = {**b.env, "COLUMNS": "200"}
-        cli_errors = cli_wall(env, ["errors", "--limit", "50", "--json"], cli_runs)
-        cli_submit = cli_wall(env, ["submit", SEED_USERS[1], "--detach"], cli_runs)
     return {
         "backend": kind,
         "rows": rows,
         "fill_s": round(fill_s, 1),
         "server_exit": server.returncode,
-        "http": {"submit": submit, "errors": errors, "errors_page_21": deep},
-        "cli": {"errors": cli_errors, "submit_detach": cli_submit},
+        "server": "accessctl serve --no-execute",
+        "http": {
+            "submit": submit.summary(clients),
+            "errors": errors.summary(clients),
+            "errors_page_21": deep.summary(clients),
+        },
+        "cli": {"errors": cli_summary(cli_errors), "submit_detach": cli_summary(cli_submit)},
     }
 
 
@@ -191,7 +217,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--cli-runs", type=int, default=5)
+    parser.add_argument("--cli-runs", type=int, default=5, help="interleaved rounds")
     args = parser.parse_args()
     kinds = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
     if "postgres" in kinds and not postgres_available():

@@ -280,6 +280,27 @@ def test_server_killed_mid_batch_then_restarted_loses_and_doubles_nothing(
     assert cli.scalar("SELECT count(*) FROM batches") == 1
 
 
+def test_sigterm_mid_batch_exits_143_and_a_worker_finishes_the_rest(
+    cli: Cli, tmp_path: Path
+) -> None:
+    users = cli.add_users(2)
+    n = 25
+    server = start_server(cli, tmp_path, ACCESSCTL_SHUTDOWN_GRACE="2")
+    try:
+        wait_healthy(server)
+        with server.client() as client:
+            filed = client.post(f"/batch/{n}", json={"users": users})
+        assert filed.status_code == 202, filed.text
+        wait_for(lambda: request_count(cli) >= 5, what="some requests")
+    finally:
+        code = server.stop(signal.SIGTERM)
+    assert code == 143, server.log()
+    assert request_count(cli) < n  # it stopped taking work: the rest stayed queued
+    drained = cli.run("worker", "--burst")
+    assert drained.returncode == 0, drained.stderr
+    assert terminal_outcomes(cli, filed.json()["batch_id"]) == (n, 0, n)
+
+
 def test_a_limit_given_on_purpose_that_differs_refuses_to_start(cli: Cli, tmp_path: Path) -> None:
     server = start_server(cli, tmp_path, ACCESSCTL_RATE_LIMIT="7/1")
     assert server.proc.wait(timeout=60) == 2, server.log()
