@@ -401,6 +401,17 @@ def test_bounds_and_malformed_bodies(api: Any) -> None:
     assert skipped.status_code == 202 and skipped.json()["total"] == 2
 
 
+def test_an_unexpected_failure_is_a_bare_500(api: Any) -> None:
+    @api.app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret-detail")
+
+    answer = api.get("/boom")
+    assert_error(answer, 500)
+    assert answer.json()["error"] == "internal error"
+    assert "secret-detail" not in answer.text
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: (

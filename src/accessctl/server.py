@@ -89,6 +89,7 @@ MIN_TOKEN_CHARS = 16
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # Probes answer without a token: they tell nothing but "up" and "ready".
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN: dict[str, Any] = {"security": []}  # their OpenAPI entry: no bearer needed
 TOKEN_ENV = "ACCESSCTL_SERVE_TOKEN"
 TOKEN_FILE_ENV = "ACCESSCTL_SERVE_TOKEN_FILE"
 
@@ -535,12 +536,12 @@ def create_app(state: ServerState | None = None, *, token: str | None = None) ->
         log.warning("database error", error=describe_db_error(exc, url=url))
         return JSONResponse(_error(503, "database unavailable"), status_code=503)
 
-    @app.get("/healthz", response_model=Health, tags=["probes"])
+    @app.get("/healthz", response_model=Health, tags=["probes"], openapi_extra=OPEN)
     def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Health, tags=["probes"])
+    @app.get("/readyz", response_model=Health, tags=["probes"], openapi_extra=OPEN)
     def readyz(request: Request) -> dict[str, str]:
         """The database is reachable and its schema is at head."""
         from accessctl.db import check_connection
