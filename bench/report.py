@@ -1088,4 +1088,12 @@ def render(results: dict[str, Any], plot: Path) -> str:
     from findings import findings
 
     parts.append(findings(results, facts))
+    # The HTTP figures come from bench/bench_serve.py's own run: kept on a re-render.
+    serve = Path(__file__).resolve().parent / "serve_results.json"
+    if serve.exists():
+        import json
+
+        from bench_serve import section
+
+        parts.append(section(json.loads(serve.read_text())))
     return "\n".join(parts)
