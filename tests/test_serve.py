@@ -37,6 +37,8 @@ from test_faults import (
 )
 
 TOKEN = "test-token-" + "a1b2c3d4" * 4
+# FastAPI's TestClient still rides on httpx, which Starlette now warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 DOCS_OPENAPI = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 
 

@@ -83,6 +83,9 @@ access_log = structlog.get_logger("accessctl.access")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~25,000 user IDs, far beyond any one HTTP filing
 MAX_PAGE = 1000  # rows per page of /errors and /batches
+# Endpoints run in anyio's thread pool; at most this many at once (the rest wait their turn
+# in the event loop), and the API's connection pool holds as many (half kept open).
+API_THREADS = 20
 MAX_TOKEN_BYTES = 4096
 MIN_TOKEN_CHARS = 16
 # RFC 6750's b64token: what may follow "Bearer " in a header, so any such token can be sent.
@@ -200,21 +203,22 @@ class ServerState:
 
         stack = contextlib.ExitStack()
         try:
+            settings, executor_id = self.settings, None
             if self.execute:
                 runtime = stack.enter_context(executing_runtime(self.settings))
-                self.backend = Backend(
-                    runtime.settings, runtime.engine, runtime.client, runtime.executor_id
-                )
-            else:
-                # Request threads share this pool: a few more than the CLI's three.
-                engine = open_engine(self.settings, pool_size=10)
-                stack.callback(engine.dispose)
+                settings, executor_id = runtime.settings, runtime.executor_id
+            # The API's own pool, sized to its request threads: HTTP load never takes a
+            # connection that an executing request is waiting for.
+            engine = open_engine(self.settings, pool_size=API_THREADS // 2)
+            stack.callback(engine.dispose)
+            client = filing_client(self.settings, engine)
+            stack.callback(client.destroy)
+            if not self.execute:
                 ensure_schema(engine, auto_create=self.settings.is_sqlite)
-                client = filing_client(self.settings, engine)
-                stack.callback(client.destroy)
-                # The same rule as any run: a limit given on purpose must match the stored one.
-                shared = shared_limit_for(self.settings, client, engine)
-                self.backend = Backend(following(self.settings, shared), engine, client, None)
+                # The same rule as any run: a limit given on purpose must match the stored
+                # one (the executing runtime checked it already).
+                settings = following(self.settings, shared_limit_for(self.settings, client, engine))
+            self.backend = Backend(settings, engine, client, executor_id)
         except BaseException:
             self.backend = None
             stack.close()
@@ -259,6 +263,7 @@ class RuntimeLifespan:
         import anyio.to_thread
 
         await receive()  # lifespan.startup
+        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         try:
             await anyio.to_thread.run_sync(self.state.start)
         except Exception as exc:
@@ -763,7 +768,7 @@ def serve(settings: Settings, *, host: str, port: int, execute: bool) -> None:
         )
         server = _Server(config)
         log.info(
-            "server listening",
+            "server starting",
             host=sockaddr[0],
             port=sock.getsockname()[1],
             executes=execute,
