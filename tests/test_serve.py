@@ -282,8 +282,9 @@ def test_server_killed_mid_batch_then_restarted_loses_and_doubles_nothing(
     assert cli.scalar("SELECT count(*) FROM batches") == 1
 
 
-def test_sigterm_mid_batch_exits_143_and_a_worker_finishes_the_rest(
-    cli: Cli, tmp_path: Path
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_batch_stops_gracefully_and_a_worker_finishes_the_rest(
+    cli: Cli, tmp_path: Path, signum: int, code: int
 ) -> None:
     users = cli.add_users(2)
     n = 25
@@ -295,16 +296,24 @@ def test_sigterm_mid_batch_exits_143_and_a_worker_finishes_the_rest(
         assert filed.status_code == 202, filed.text
         wait_for(lambda: request_count(cli) >= 5, what="some requests")
     finally:
-        code = server.stop(signal.SIGTERM)
-    assert code == 143, server.log()
+        stopped = server.stop(signum)
+    assert stopped == code, server.log()
+    assert (
+        server.log()
+        .rstrip()
+        .endswith("accessctl: error: server stopped; queued work stays for other workers")
+    )
     assert request_count(cli) < n  # it stopped taking work: the rest stayed queued
     drained = cli.run("worker", "--burst")
     assert drained.returncode == 0, drained.stderr
     assert terminal_outcomes(cli, filed.json()["batch_id"]) == (n, 0, n)
 
 
-def test_a_limit_given_on_purpose_that_differs_refuses_to_start(cli: Cli, tmp_path: Path) -> None:
-    server = start_server(cli, tmp_path, ACCESSCTL_RATE_LIMIT="7/1")
+@pytest.mark.parametrize("mode", ["--execute", "--no-execute"])
+def test_a_limit_given_on_purpose_that_differs_refuses_to_start(
+    cli: Cli, tmp_path: Path, mode: str
+) -> None:
+    server = start_server(cli, tmp_path, mode, ACCESSCTL_RATE_LIMIT="7/1")
     assert server.proc.wait(timeout=60) == 2, server.log()
     errors = [line for line in server.log().splitlines() if line.startswith("accessctl: error:")]
     assert len(errors) == 1 and "differs from the shared limit 5/0.5" in errors[0]

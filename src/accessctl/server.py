@@ -32,6 +32,7 @@ import hmac
 import io
 import ipaddress
 import json
+import math
 import os
 import re
 import signal
@@ -764,7 +765,7 @@ def serve(settings: Settings, *, host: str, port: int, execute: bool) -> None:
             http="h11",
             ws="none",
             server_header=False,
-            timeout_graceful_shutdown=int(max(1, settings.shutdown_grace)),
+            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace)),
         )
         server = _Server(config)
         log.info(
