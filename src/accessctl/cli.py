@@ -619,11 +619,16 @@ def prune(
     from accessctl.prune import prune as run_prune
     from accessctl.queries import parse_since
     from accessctl.render import print_json, print_mapping
-    from accessctl.runtime import database
+    from accessctl.runtime import database, filing_client
 
     cutoff = parse_since(older_than, option="--older-than")
-    with database(_settings(ctx)) as engine:
-        removed = run_prune(engine, cutoff, dry_run=dry_run)
+    settings = _settings(ctx)
+    with database(settings) as engine:
+        client = filing_client(settings, engine)
+        try:
+            removed = run_prune(client, engine, cutoff, dry_run=dry_run)
+        finally:
+            client.destroy()
     if as_json:
         print_json(removed)
     else:

@@ -7,25 +7,22 @@ Why SQLite engines are special here (README, "How it stays correct"):
 
 * DBOS stamps queue starts with ``strftime('%s','now')`` on Python < 3.12 (whole seconds,
   so its limiter over-admits) and with ``unixepoch('subsec')`` on 3.12+ (which SQLite before
-  3.42 does not know: it yields NULL and DBOS cannot launch). We register both functions on
-  every connection with millisecond precision, which SQLite lets an application-defined
-  function do over a built-in of the same name and arity.
+  3.42 does not know: it yields NULL and DBOS cannot launch). Every SQLite connection gets
+  both with millisecond precision (``dbos_compat.install_sqlite_clock``).
 * pysqlite opens a transaction only at the first write, so DBOS's "count recent starts"
   read runs outside the transaction that claims the work: two processes could both count
-  49 and both start. ``runtime.serialize_sqlite_claims`` makes that one claim transaction
-  ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour (the lock at the
+  49 and both start. ``dbos_compat.serialize_sqlite_claims`` makes that one claim
+  transaction ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour (the lock at the
   first write), so reads never queue behind writers.
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
-import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from accessctl.dbos_compat import install_sqlite_clock
 from accessctl.errors import ConfigError, DatabaseUnreachable
 
 if TYPE_CHECKING:
@@ -140,35 +137,6 @@ def sqlite_path(url: str) -> Path:
     return Path(database).expanduser()
 
 
-# --- SQLite clock functions ---------------------------------------------------------------
-
-_pristine_lock = threading.Lock()
-_pristine: sqlite3.Connection | None = None
-
-
-def _builtin(sql: str, *args: Any) -> Any:
-    """Evaluate a built-in SQLite function on a connection that has no overrides."""
-    global _pristine
-    with _pristine_lock:
-        if _pristine is None:
-            _pristine = sqlite3.connect(":memory:", check_same_thread=False)
-        return _pristine.execute(sql, args).fetchone()[0]
-
-
-def _strftime(fmt: Any, value: Any) -> Any:
-    # DBOS's millisecond clock on Python < 3.12 is strftime('%s','now') * 1000.
-    if fmt == "%s" and value == "now":
-        return f"{time.time():.3f}"
-    return _builtin("SELECT strftime(?, ?)", fmt, value)
-
-
-def _unixepoch(value: Any) -> Any:
-    # DBOS's millisecond clock on Python >= 3.12 is unixepoch('subsec') * 1000.
-    if value in ("subsec", "subsecond"):
-        return round(time.time(), 3)
-    return _builtin("SELECT unixepoch(?)", value)
-
-
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     # As DBOS's own SQLite engines: writers take the lock at their first write.
     dbapi_conn.isolation_level = "IMMEDIATE"
@@ -177,8 +145,7 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets readers (status, errors) run while a batch writes.
     dbapi_conn.execute("PRAGMA journal_mode=WAL")
     dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-    dbapi_conn.create_function("strftime", 2, _strftime)
-    dbapi_conn.create_function("unixepoch", 1, _unixepoch)
+    install_sqlite_clock(dbapi_conn)
 
 
 def make_engine(
