@@ -210,6 +210,9 @@ def bulk_enqueue(
     simple. Every row carries the same ``created_ms``: the batch was filed at one moment."""
     import sqlalchemy as sa
 
+    # DBOS's tables name a placeholder schema, translated per connection (as its own
+    # enqueue_in_transaction does to a caller's connection).
+    client._sys_db._apply_caller_schema(conn)
     tables = client._sys_db.tables
     conn.execute(
         sa.insert(tables.workflow_status),
