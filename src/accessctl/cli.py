@@ -685,12 +685,13 @@ def users_import(
     as_json: JsonOption = False,
 ) -> None:
     """Import users from CSV or JSON lines; existing emails are skipped. All or nothing."""
+    from accessctl.files import USERS_FILE
     from accessctl.inputs import read_lines
     from accessctl.render import print_json
     from accessctl.runtime import database
     from accessctl.users import import_users
 
-    text = "\n".join(line for _, line in read_lines(path, sys.stdin, label="user file"))
+    text = "\n".join(line for _, line in read_lines(path, sys.stdin, "user file", USERS_FILE))
     with database(_settings(ctx)) as engine:
         added, skipped = import_users(engine, text)
     if as_json:
@@ -782,7 +783,13 @@ def main() -> None:
     Exits with ``os._exit`` once the command is done and its output flushed: DBOS's
     executor threads may still be blocked in workflows this process picked up (another
     run's batch, work cut short by a signal). Their state is durable and an executor whose
-    lease is gone gets its work adopted, so waiting for those threads would only hang."""
+    lease is gone gets its work adopted, so waiting for those threads would only hang.
+
+    The installed script enters through ``accessctl.entry.main``, which sets the start-up
+    signal handlers before this module's imports; set them here too for other callers."""
+    from accessctl.entry import install_early_handlers
+
+    install_early_handlers()
     code = 0
     try:
         app()

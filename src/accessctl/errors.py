@@ -37,8 +37,15 @@ class UsageError(AccessctlError):
     exit_code = ExitCode.USAGE
 
 
+class SettingError(UsageError):
+    """A setting's value (flag, environment or config file ``env:``) is malformed or outside
+    its documented bounds: the operator typed it, so it is a usage error (exit 2)."""
+
+
 class ConfigError(AccessctlError):
-    """Configuration that cannot be used (bad URL, broken config file, unknown driver)."""
+    """Configuration that cannot be used: a config or token file that cannot be read, a
+    config file that is not valid YAML or has the wrong shape, a SQLite path that cannot hold
+    a database. (A malformed or out-of-bounds *value* is a ``SettingError``, exit 2.)"""
 
     exit_code = ExitCode.CONFIG
 
