@@ -275,7 +275,9 @@ def check_sqlite_integrity(engine: sa.Engine) -> None:
 
 
 # Appended wherever SQLite reports a damaged file, whichever command met it.
-CORRUPT_HINT = "restore it from a backup (docs/operations.md#backup-and-retention); nothing was written"
+CORRUPT_HINT = (
+    "restore it from a backup (docs/operations.md#backup-and-retention); nothing was written"
+)
 
 
 def describe_db_error(

@@ -182,8 +182,10 @@ def parse_rate_limit(text: str, origin: str) -> RateLimit | None:
     if value in ("none", "off", "unlimited"):
         return None
     limit_text, slash, period_text = value.partition("/")
-    if not slash or not _INT.fullmatch(limit_text.strip()) or not _FLOAT.fullmatch(
-        period_text.strip()
+    if (
+        not slash
+        or not _INT.fullmatch(limit_text.strip())
+        or not _FLOAT.fullmatch(period_text.strip())
     ):
         raise SettingError(
             f"{origin}: rate limit {_shown(text)} is not LIMIT/SECONDS (e.g. 50/30) or none"
