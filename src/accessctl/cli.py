@@ -28,8 +28,8 @@ from accessctl.settings import Settings, resolve_settings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all requests recorded; 1 some requests failed (see `accessctl errors`); "
-    "2 usage error, nothing filed; 3 configuration invalid, database unreachable, or an "
-    "internal error; "
+    "2 usage error (bad argument, input or setting value), nothing filed; 3 configuration "
+    "file or database unusable or unreachable, or an internal error; "
     "4 schema not migrated (run `accessctl migrate`); 130/143 interrupted by SIGINT/SIGTERM "
     "(the batch resumes with the next run or any worker)."
 )

@@ -268,9 +268,11 @@ def check_sqlite_integrity(engine: sa.Engine) -> None:
     except DBAPIError as exc:
         problems = [describe_db_error(exc)]
     if problems != ["ok"]:
+        # One line: SQLite's report spans lines ("*** in database main ***\nPage 13: ...").
+        found = [p.strip() for row in problems for p in row.splitlines()]
+        shown = "; ".join(p for p in found if p and not p.startswith("***"))
         raise DatabaseUnreachable(
-            f"SQLite database {sqlite_path(raw)} is damaged ({'; '.join(problems)[:200]}); "
-            + CORRUPT_HINT
+            f"SQLite database {sqlite_path(raw)} is damaged ({shown[:200]}); " + CORRUPT_HINT
         )
 
 
