@@ -115,6 +115,21 @@ def test_stdin_may_be_a_pipe_but_is_bounded(no_db: Cli) -> None:
     ]
 
 
+def test_a_closed_stdin_is_a_usage_error(no_db: Cli) -> None:
+    done = subprocess.run(
+        ["sh", "-c", f'exec "{ACCESSCTL_BIN}" submit - <&-'],
+        env={**os.environ, **no_db.base_env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert error_lines(done.stderr) == [
+        "accessctl: error: stdin: is closed; nothing to read for '-'"
+    ]
+
+
 def test_files_over_their_bounds_are_usage_errors(no_db: Cli, tmp_path: Path) -> None:
     long_line = tmp_path / "long-line.txt"
     long_line.write_bytes(SEED[0].encode() + b"\n" + b"x" * (64 * 1024 + 1) + b"\n")
@@ -254,6 +269,14 @@ def test_other_bounded_settings(no_db: Cli, tmp_path: Path) -> None:
         2,
         "from 1 to 4,096 characters",
     )
+
+
+def test_an_empty_flag_is_a_usage_error(no_db: Cli) -> None:
+    for args, needle in (
+        (["--database-url", "", "config"], "--database-url: database URL is empty"),
+        (["--rate-limit", "", "config"], "--rate-limit: rate limit '' is not LIMIT/SECONDS"),
+    ):
+        one_line_error(no_db(*args), 2, needle)
 
 
 def test_token_files_that_hold_no_token(no_db: Cli, tmp_path: Path) -> None:

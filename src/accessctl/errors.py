@@ -14,8 +14,8 @@ class ExitCode(IntEnum):
 
     OK = 0  # every request recorded
     SOME_FAILED = 1  # some requests failed: rows in `errors`
-    USAGE = 2  # bad arguments or input; nothing was filed
-    CONFIG = 3  # configuration invalid or database unreachable
+    USAGE = 2  # bad arguments, input or setting value (malformed, out of bounds); nothing filed
+    CONFIG = 3  # config/token file unreadable, database unreachable or damaged, internal error
     NOT_MIGRATED = 4  # schema missing or outdated: run `accessctl migrate`
     INTERRUPTED = 130  # SIGINT: in-flight work finished, the rest resumes later
     TERMINATED = 143  # SIGTERM: likewise

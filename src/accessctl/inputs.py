@@ -78,6 +78,8 @@ def parse_user_ids(
 
 def stdin_bytes(stdin: TextIO) -> BinaryIO:
     """The byte stream under ``stdin``: read in bounded chunks, decoded once (strictly)."""
+    if stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("stdin: is closed; nothing to read for '-'")
     buffer = getattr(stdin, "buffer", None)
     if buffer is not None:
         return cast(BinaryIO, buffer)

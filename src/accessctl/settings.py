@@ -337,7 +337,8 @@ def resolve_settings(
 
     from accessctl.db import validate_database_url
 
-    check_length(database_url, sources["database_url"], "database_url")
+    if database_url:  # empty: validate_database_url says so in its own words
+        check_length(database_url, sources["database_url"], "database_url")
     try:
         validate_database_url(database_url)
     except ConfigError as exc:
