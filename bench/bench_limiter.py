@@ -16,7 +16,15 @@ import bisect
 import time
 from typing import Any
 
-from common import REQUEST_QUEUE, backend, log, median, postgres_available, run_cli
+from common import (
+    REQUEST_QUEUE,
+    backend,
+    log,
+    median,
+    postgres_available,
+    run_cli,
+    set_shared_limit,
+)
 
 
 def max_in_window(starts_ms: list[int], period_ms: int) -> int:
@@ -36,6 +44,7 @@ def one_run(
     tag = f"lim{limit}x{period}{kind[:2]}{run}{'p' if extra_env else ''}"
     with backend(kind, tag) as b:
         env = {**b.env, "ACCESSCTL_RATE_LIMIT": f"{limit}/{period}", **(extra_env or {})}
+        set_shared_limit(env, tag)
         t0 = time.monotonic()
         result = run_cli(env, ["batch", str(n), "--json"], tag, timeout=bound + 180)
         wall = time.monotonic() - t0

@@ -50,6 +50,7 @@ from common import (
     pg_counters,
     postgres_available,
     run_cli,
+    set_shared_limit,
     spawn_cli,
     start_profile,
     summarize_profile,
@@ -217,6 +218,7 @@ def workers_run(
 ) -> dict[str, Any]:
     with backend(kind, tag) as b:
         env = {**b.env, "ACCESSCTL_RATE_LIMIT": "none", **(extra_env or {})}
+        set_shared_limit(env, tag)
         t_file = time.monotonic()
         run_cli(env, ["batch", str(n), "--detach"], f"{tag}-detach")
         filing_wall = time.monotonic() - t_file

@@ -189,6 +189,15 @@ def backend(kind: str, tag: str, *, users: bool = True) -> Iterator[Backend]:
         drop_backend(b)
 
 
+def set_shared_limit(env: dict[str, str], tag: str) -> None:
+    """Store the limit (and concurrency) that ``env`` names as the database's shared one,
+    as an operator would with `accessctl limit set`: runs then follow it (limits.py)."""
+    args = ["limit", "set", env.get("ACCESSCTL_RATE_LIMIT") or "50/30"]
+    if env.get("ACCESSCTL_CONCURRENCY"):
+        args += ["--concurrency", env["ACCESSCTL_CONCURRENCY"]]
+    run_cli(env, args, f"{tag}-limit")
+
+
 def pg_counters(b: Backend) -> dict[str, int]:
     """This database's commit and row counters (Postgres only; empty on SQLite)."""
     if b.kind != "postgres":

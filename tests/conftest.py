@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
 from accessctl.cli import app
+from accessctl.errors import AccessctlError
+from accessctl.settings import parse_rate_limit
 
 POSTGRES_URL = os.environ.get("ACCESSCTL_TEST_POSTGRES_URL", "").strip()
 # A limiter fast enough for tests, slow enough to be visible: 5 starts per 0.5 s.
@@ -86,6 +88,13 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
         drop_postgres_database(name)
 
 
+# Commands that apply the shared rate limit (limits.py): a test that gives one of them
+# another ACCESSCTL_RATE_LIMIT/ACCESSCTL_CONCURRENCY means "the shared limit is now this",
+# and sets it as an operator would, with `accessctl limit set`, before the run.
+LIMITED_COMMANDS = {"submit", "batch", "retry", "worker"}
+LIMIT_VARIABLES = ("ACCESSCTL_RATE_LIMIT", "ACCESSCTL_CONCURRENCY")
+
+
 @dataclass
 class Cli:
     """The real CLI, in-process (Typer's CliRunner), against one test database."""
@@ -93,6 +102,29 @@ class Cli:
     database_url: str
     env: dict[str, str] = field(default_factory=dict)
     runner: CliRunner = field(default_factory=CliRunner)
+
+    def _apply_shared_limit(self, args: tuple[str, ...], env: dict[str, str]) -> None:
+        wanted = {k: env[k] for k in LIMIT_VARIABLES if k in env}
+        current = self.base_env()
+        if not wanted or not LIMITED_COMMANDS & set(args):
+            return
+        if all(current.get(k) == v for k, v in wanted.items()):
+            return
+        try:  # a malformed value is the test's subject: the command itself must refuse it
+            if "ACCESSCTL_RATE_LIMIT" in wanted:
+                parse_rate_limit(wanted["ACCESSCTL_RATE_LIMIT"], "test")
+            if "ACCESSCTL_CONCURRENCY" in wanted and int(wanted["ACCESSCTL_CONCURRENCY"]) < 1:
+                return
+        except (AccessctlError, ValueError):
+            return
+        command = ["limit", "set"]
+        if "ACCESSCTL_RATE_LIMIT" in wanted:
+            command.append(wanted["ACCESSCTL_RATE_LIMIT"])
+        if "ACCESSCTL_CONCURRENCY" in wanted:
+            command += ["--concurrency", wanted["ACCESSCTL_CONCURRENCY"]]
+        result = self.runner.invoke(app, command, env={**current, **env}, catch_exceptions=False)
+        assert result.exit_code == 0, result.output + result.stderr
+        self.env.update(wanted)
 
     def base_env(self) -> dict[str, str]:
         return {
@@ -104,6 +136,7 @@ class Cli:
         }
 
     def __call__(self, *args: str, input: str | None = None, **env: str) -> Result:
+        self._apply_shared_limit(args, env)
         return self.runner.invoke(
             app, list(args), input=input, env={**self.base_env(), **env}, catch_exceptions=False
         )
@@ -115,6 +148,7 @@ class Cli:
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
         """The installed ``accessctl`` in a subprocess."""
+        self._apply_shared_limit(args, env)
         return subprocess.run(
             [ACCESSCTL_BIN, *args],
             env={**os.environ, **self.base_env(), **env},
@@ -125,6 +159,7 @@ class Cli:
         )
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        self._apply_shared_limit(args, env)
         return subprocess.Popen(
             [ACCESSCTL_BIN, *args],
             env={**os.environ, **self.base_env(), **env},

@@ -598,7 +598,11 @@ def test_ten_concurrent_migrates_bring_the_schema_to_head_once(fresh_cli: Cli) -
     head = head_revision()
     for code, out, err in outcomes:
         assert code == 0, err
-        assert json.loads(out) == {"revision": head}
+        answer = json.loads(out)
+        assert answer["revision"] == head
+        assert answer["shared_limit"]["rate_limit"] == "5/0.5"
+    # The shared limit was stored, and recorded, exactly once.
+    assert fresh_cli.scalar("SELECT count(*) FROM limit_changes") == 1
     dbos = "" if fresh_cli.database_url.startswith("sqlite") else "dbos."
     assert fresh_cli.rows("SELECT version_num FROM alembic_version") == [(head,)]
     assert fresh_cli.scalar(f"SELECT count(*) FROM {dbos}dbos_migrations") == 1

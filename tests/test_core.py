@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEED, Cli
+from conftest import FAST_LIMIT, SEED, Cli
 
 
 def test_help_imports_no_database_driver_and_no_dbos() -> None:
@@ -130,8 +130,13 @@ def test_migrate_is_idempotent(cli: Cli) -> None:
     for _ in range(2):
         result = cli("migrate", "--json")
         assert result.exit_code == 0, result.stderr
-        assert json.loads(result.stdout) == {"revision": "0002"}
+        answer = json.loads(result.stdout)
+        assert answer["revision"] == "0003"
+        # The fixture's migrate stored the shared limit; migrating again keeps it.
+        assert answer["shared_limit"]["rate_limit"] == FAST_LIMIT
+        assert answer["shared_limit"]["reason"] == "migrate"
     assert cli.scalar("SELECT count(*) FROM alembic_version") == 1
+    assert cli.scalar("SELECT count(*) FROM limit_changes") == 1
 
 
 def test_malformed_ids_are_refused_before_anything_is_filed(cli: Cli) -> None:
@@ -261,7 +266,7 @@ def test_migrate_works_from_an_installed_wheel(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["revision"] == "0002"
+    assert json.loads(done.stdout)["revision"] == "0003"
     probe = subprocess.run(
         [sys.executable, "-c", "import accessctl.schema as s; print(s.migrations_dir())"],
         cwd=tmp_path,

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
@@ -300,3 +301,133 @@ def test_passwords_are_hidden_wherever_a_url_carries_them() -> None:
     exc = RuntimeError(f"connection failed for {password} and {sentinel}x")
     assert sentinel not in describe_db_error(exc, url=in_query)
     assert sentinel not in describe_db_error(exc, password, url=in_query)
+
+
+# --- a provider that echoes the request back (issue #12) ----------------------------------
+
+PROVIDER_TOKEN = "tok-SENTINEL-5b7e1d"
+QUERY_SECRET = "QSECRET-SENTINEL-91c4"
+
+
+def _decoded_forms(value: object) -> list[str]:
+    """A cell as text, and as DBOS may have serialized it (base64 of a pickle): the raw
+    text, the base64-decoded bytes and the unpickled object's repr."""
+    import base64
+    import binascii
+    import contextlib
+    import pickle
+
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    forms = [text]
+    if isinstance(value, (str, bytes)) and len(text) >= 8:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return forms
+        forms.append(raw.decode("latin-1"))
+        # Not a pickle: the decoded bytes were searched already. (Our own test database:
+        # unpickling it is safe.)
+        with contextlib.suppress(Exception):
+            forms.append(repr(pickle.loads(raw)))
+    return forms
+
+
+def dump_every_table_decoded(url: str) -> dict[str, list[str]]:
+    """Every cell of every table (the application's and DBOS's, on either backend) in
+    every decoded form, per table."""
+    engine = sa.create_engine(url)
+    dump: dict[str, list[str]] = {}
+    try:
+        inspector = sa.inspect(engine)
+        schemas = [None] if engine.dialect.name == "sqlite" else ["public", "dbos"]
+        with engine.connect() as conn:
+            for schema in schemas:
+                for table in inspector.get_table_names(schema=schema):
+                    name = f'"{schema}"."{table}"' if schema else f'"{table}"'
+                    forms: list[str] = []
+                    for row in conn.execute(sa.text(f"SELECT * FROM {name}")):
+                        for cell in row:
+                            forms.extend(_decoded_forms(cell))
+                    dump[f"{schema or 'main'}.{table}"] = forms
+    finally:
+        engine.dispose()
+    return dump
+
+
+def _run_against_an_echoing_provider(
+    run: Any, users: list[str], provider_url: str
+) -> list[tuple[str, str]]:
+    """A 401 and a 500 (twice) that quote the request's Authorization header and query
+    string, then every command that shows what was stored; their (stdout, stderr)."""
+    from accessctl.testing.provider import FakeProvider
+
+    outputs: list[tuple[str, str]] = []
+    for mode in ("echo-401", "echo-500"):
+        with FakeProvider(hostile=mode) as provider:
+            env = {
+                "ACCESSCTL_PROVIDER_URL": provider.url + provider_url,
+                "ACCESSCTL_PROVIDER_TOKEN": PROVIDER_TOKEN,
+                "ACCESSCTL_PROVIDER_MAX_ATTEMPTS": "2",
+            }
+            done = run("batch", "2", *[a for u in users for a in ("--user", u)], "--json", **env)
+            assert {c.answered for c in provider.calls} == {int(mode[-3:])}
+            assert all(c.authorization for c in provider.calls)
+            outputs.append((done.stdout, done.stderr))
+            for args in (["errors", "--json"], ["errors"], ["config", "--json"], ["status"]):
+                shown = run(*args, **env)
+                outputs.append((shown.stdout, shown.stderr))
+    return outputs
+
+
+def _assert_no_provider_secret(outputs: list[tuple[str, str]], url: str) -> None:
+    everything = "\n".join(out + err for out, err in outputs)
+    # Non-vacuous: the echo was stored (redacted), and logs were on.
+    assert "Authorization: ***" in everything
+    assert "api_key=***" in everything
+    assert '"level": "debug"' in everything
+    assert PROVIDER_TOKEN not in everything and QUERY_SECRET not in everything
+    dump = dump_every_table_decoded(url)
+    outputs_table = next(t for t in dump if t.endswith(".operation_outputs"))
+    # The step outputs were decoded: the redacted echo is visible in them.
+    assert any("Authorization: ***" in form for form in dump[outputs_table])
+    for table in ("errors", "workflow_status", "workflow_input"):
+        assert any(t.endswith(f".{table}") and dump[t] for t in dump), table
+    for table, forms in dump.items():
+        for form in forms:
+            assert PROVIDER_TOKEN not in form, table
+            assert QUERY_SECRET not in form, table
+
+
+def test_an_echoing_provider_leaves_no_token_anywhere(cli: Cli) -> None:
+    users = cli.add_users(1)
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        options: dict[str, Any] = dict(env)
+        done = cli.run("--log-format", "json", "-v", *args, **options)
+        assert done.returncode in (0, 1), done.stderr
+        assert "Traceback" not in done.stderr
+        return done
+
+    outputs = _run_against_an_echoing_provider(run, users, f"?api_key={QUERY_SECRET}&x=1")
+    _assert_no_provider_secret(outputs, cli.database_url)
+
+
+@needs_postgres
+def test_an_echoing_provider_with_a_secret_database(secret_database: SecretDatabase) -> None:
+    """Both secrets at once: the provider's token and the database's password."""
+    db = secret_database
+    db.run("migrate")
+    known = json.loads(
+        db.run("users", "add", "--name", "Ada", "--email", "ada@example.com", "--json").stdout
+    )["id"]
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return db.run(*args, expect=None, **env)
+
+    outputs = _run_against_an_echoing_provider(run, [known], f"?api_key={QUERY_SECRET}")
+    assert all(code in (0, 1) for _, code, _, _ in db.captured.outputs)
+    _assert_no_provider_secret(outputs, db.url)
+    everything = db.captured.text()
+    assert db.sentinel not in everything
+    for table, forms in dump_every_table_decoded(db.url).items():
+        assert not any(db.sentinel in form for form in forms), table

@@ -58,7 +58,7 @@ def test_batches_lists_counts_state_and_links(cli: Cli) -> None:
     assert len(cli.json("batches", "--json", "--limit", "1")) == 1
     detached = cli("submit", users[0], "--detach").stdout.strip()
     states = {b["batch_id"]: b["state"] for b in cli.json("batches", "--json")}
-    assert states[detached] == "interrupted"  # queued, nobody running it yet
+    assert states[detached] == "queued"  # filed, nobody running it yet
 
 
 def test_retry_files_exactly_the_failed_requests_once(cli: Cli) -> None:

@@ -8,6 +8,7 @@ the batch's workflows (``filing.py``), and the loser of a race attaches.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from accessctl.workflows import (
     batch_workflow_id,
     follow_interval,
     is_transient,
-    outcome_counts,
 )
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from dbos import DBOSClient, WorkflowHandle
 
 log = structlog.get_logger(__name__)
-
-TERMINAL = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
 @dataclass
@@ -44,12 +42,33 @@ class BatchRequest:
     key: str | None
     batch_id: str = ""
     retry_of: str | None = None
+    # Parallel to ``user_ids`` (a retry's): the idempotency key each request's provider
+    # calls must carry instead of its own request ID, or None for its own.
+    idempotency_keys: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.user_ids and not self.invalid:
             raise UsageError("no user IDs to file")
+        if self.idempotency_keys is not None and len(self.idempotency_keys) != len(self.user_ids):
+            raise ValueError("idempotency_keys must be parallel to user_ids")
         if not self.batch_id:
             self.batch_id = batch_id_for_key(self.key) if self.key else str(uuid.uuid4())
+
+    @property
+    def total(self) -> int:
+        return len(self.user_ids) + len(self.invalid)
+
+    def input_digest(self) -> str:
+        """SHA-256 of what this batch files: its requests' user IDs in order and its refused
+        lines. A key given again must come with the same input (as Stripe's idempotency
+        keys): the same digest attaches, another is refused."""
+        digest = hashlib.sha256()
+        for user_id in self.user_ids:
+            digest.update(user_id.encode() + b"\n")
+        digest.update(b"--refused--\n")
+        for item in self.invalid:
+            digest.update(item.text.encode("utf-8", "backslashreplace") + b"\n")
+        return digest.hexdigest()
 
 
 def retry_policy(settings: Settings) -> dict[str, float]:
@@ -64,10 +83,11 @@ def retry_policy(settings: Settings) -> dict[str, float]:
 def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchRequest) -> str:
     """File the batch durably without executing it here: a worker or the next run does."""
     from accessctl.filing import file_batch
-    from accessctl.runtime import filing_client
+    from accessctl.runtime import filing_client, shared_limit_for
 
     client = filing_client(settings, engine)
     try:
+        shared_limit_for(settings, client, engine)
         filed = file_batch(client, request, retry_policy(settings))
     finally:
         client.destroy()
@@ -101,39 +121,34 @@ def run_attached(
     """File the batch (or attach to the one its key names) and follow it to the end.
 
     ``stop`` is set by a signal: we stop waiting, and the runtime's shutdown lets in-flight
-    requests finish; the batch itself stays durable and resumes with the next run."""
+    requests finish; the batch itself stays durable and resumes with the next run. The
+    summary is the batch's report as ``status`` gives it (batch_state.py), so the exit
+    code, ``status`` and ``batches`` agree."""
     from dbos import DBOS
     from dbos._error import DBOSNonExistentWorkflowError
 
+    from accessctl.batch_state import FINAL, WORKFLOW_ENDED
     from accessctl.filing import file_batch
+    from accessctl.queries import batch_status
 
     batch_id = request.batch_id
-    total = len(request.user_ids) + len(request.invalid)
     filed = file_batch(client, request, retry_policy(settings))
     log.info(
         "batch filed" if filed else "attached to the batch already filed",
         batch_id=batch_id,
         key=request.key,
-        total=total,
+        total=request.total,
     )
     try:
-        handle: WorkflowHandle[Summary] = DBOS.retrieve_workflow(batch_workflow_id(batch_id))
+        handle: WorkflowHandle[Summary] | None = DBOS.retrieve_workflow(batch_workflow_id(batch_id))
     except DBOSNonExistentWorkflowError:
-        # Attached to a batch whose records were pruned: it finished; report its rows.
-        recorded, failed = outcome_counts(engine, batch_id)
-        return {
-            "batch_id": batch_id,
-            "key": request.key,
-            "total": recorded + failed,
-            "recorded": recorded,
-            "failed": failed,
-        }
-    interval = follow_interval(poll_interval, total)
+        handle = None  # its records were pruned: it ended, and its row keeps the outcome
+    interval = follow_interval(poll_interval, request.total)
     last: dict[str, Any] | None = None
     while True:
         try:
-            status = handle.get_status().status
-            recorded, failed = outcome_counts(engine, batch_id)
+            report = batch_status(engine, batch_id)
+            follower = handle.get_status().status if handle is not None else None
         except Exception as exc:
             # A lost connection or a restarting database: read again at the next turn.
             if not is_transient(exc):
@@ -143,17 +158,25 @@ def run_attached(
             continue
         progress = {
             "batch_id": batch_id,
-            "total": total,
-            "done": recorded + failed,
-            "recorded": recorded,
-            "failed": failed,
+            "total": report["total"],
+            "done": report["done"],
+            "recorded": report["recorded"],
+            "failed": report["failed"],
         }
         if progress != last:
             on_progress(progress)
             last = progress
-        if status in TERMINAL:
+        # Finished once its state is final and its follower has ended (it stores the
+        # outcome as it ends, and leaves no work behind), or nothing follows it any more.
+        if report["state"] in FINAL and (handle is None or follower in WORKFLOW_ENDED):
             break
         if stop.wait(interval):
             raise _interrupted(batch_id, stop_reason())
-    summary: Summary = handle.get_result()
-    return summary
+    return {
+        "batch_id": batch_id,
+        "key": request.key,
+        "total": report["total"],
+        "recorded": report["recorded"],
+        "failed": report["failed"],
+        "state": report["state"],
+    }

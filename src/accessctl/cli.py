@@ -24,7 +24,7 @@ from typer.core import TyperCommand
 
 from accessctl import __version__
 from accessctl.errors import AccessctlError, ExitCode, UsageError
-from accessctl.settings import Settings, resolve_settings
+from accessctl.settings import BOUNDS, Settings, resolve_settings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all requests recorded; 1 some requests failed (see `accessctl errors`); "
@@ -47,6 +47,11 @@ users_app = typer.Typer(help="Add, import and list users, so that requests for t
 app.add_typer(users_app, name="users")
 accesses_app = typer.Typer(help="List accesses and move them along their lifecycle.")
 app.add_typer(accesses_app, name="accesses")
+limit_app = typer.Typer(
+    help="Show or change the shared rate limit: one limit, stored in the database, that "
+    "every run and worker follows."
+)
+app.add_typer(limit_app, name="limit")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,11 +129,21 @@ def main_callback(
     ] = None,
     rate_limit: Annotated[
         str | None,
-        typer.Option(help="Starts per seconds, e.g. 50/30, or none. [env: ACCESSCTL_RATE_LIMIT]"),
+        typer.Option(
+            metavar="LIMIT/SECONDS",
+            help="The shared rate limit this deployment expects (e.g. 50/30, or none). It is "
+            "stored in the database once, at `migrate` or the first run; after that a run "
+            "whose value differs is refused (exit 2): only `accessctl limit set` changes it. "
+            "[env: ACCESSCTL_RATE_LIMIT]",
+        ),
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option(help="Requests in flight at most, globally. [env: ACCESSCTL_CONCURRENCY]"),
+        typer.Option(
+            metavar="N",
+            help="Requests in flight at most, globally; shared and checked like "
+            "--rate-limit. [env: ACCESSCTL_CONCURRENCY]",
+        ),
     ] = None,
     log_format: Annotated[
         str | None,
@@ -230,15 +245,23 @@ def _file(
     detach: bool,
     as_json: bool,
     retry_of: str | None = None,
+    idempotency_keys: list[str | None] | None = None,
 ) -> None:
     from accessctl.batches import BatchRequest, enqueue_detached, run_attached
     from accessctl.render import print_json, print_summary
 
-    request = BatchRequest(user_ids=user_ids, invalid=invalid, key=key, retry_of=retry_of)
+    request = BatchRequest(
+        user_ids=user_ids,
+        invalid=invalid,
+        key=key,
+        retry_of=retry_of,
+        idempotency_keys=idempotency_keys,
+    )
     if detach:
         from accessctl.runtime import database
 
         with database(settings) as engine:
+            # The same rule as an executing run: a limit given on purpose must match.
             batch_id = enqueue_detached(settings, engine, request)
         if as_json:
             print_json({"batch_id": batch_id, "key": key, "total": len(user_ids) + len(invalid)})
@@ -256,7 +279,7 @@ def _file(
         with (
             _signals() as (stop, reason),
             executing_runtime(settings) as runtime,
-            ProgressReporter(settings.rate_limit) as reporter,
+            ProgressReporter(runtime.settings.rate_limit) as reporter,
         ):
             summary = run_attached(
                 request,
@@ -275,7 +298,7 @@ def _file(
         print_json(summary)
     else:
         print_summary(summary)
-    if summary["failed"]:
+    if summary["failed"] or summary.get("state") not in ("done", "cancelled"):
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
 
@@ -509,7 +532,12 @@ def batches(
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
-    """Recent batches, newest first: counts and state (running, done, interrupted)."""
+    """Recent batches, newest first, with their counts and state.
+
+    States: queued (filed, not yet started), running, interrupted (its process died; the
+    next run or any worker resumes it), cancelling, done, cancelled, failed (its follower
+    ended with requests missing and nothing left running).
+    """
     from accessctl.queries import list_batches
     from accessctl.render import print_batches
 
@@ -569,6 +597,8 @@ def retry(
         detach=detach,
         as_json=as_json,
         retry_of=source,
+        # A request the provider may have filed is re-sent under its original key.
+        idempotency_keys=[r["idempotency_key"] for r in failed],
     )
 
 
@@ -591,13 +621,41 @@ def prune(
     from accessctl.render import print_json, print_mapping
     from accessctl.runtime import database
 
-    cutoff = parse_since(older_than)
+    cutoff = parse_since(older_than, option="--older-than")
     with database(_settings(ctx)) as engine:
         removed = run_prune(engine, cutoff, dry_run=dry_run)
     if as_json:
         print_json(removed)
     else:
         print_mapping("would remove" if dry_run else "removed", removed)
+
+
+@app.command(epilog="Example: accessctl cancel 5769fa06-4bd0-4c59-9f0a-0c7e8e8d2b11")
+@handles_errors
+def cancel(
+    ctx: typer.Context,
+    batch_id: Annotated[str, typer.Argument(metavar="BATCH_ID", help="The batch to stop.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Stop a batch: none of its requests starts any more, the ones in flight finish, and
+    each one that never started is recorded as Cancelled (so `retry` can file it again)."""
+    from accessctl.cancel import cancel_batch
+    from accessctl.queries import parse_uuid
+    from accessctl.render import print_json, print_mapping
+    from accessctl.runtime import database, filing_client
+
+    settings = _settings(ctx)
+    source = str(parse_uuid(batch_id, "batch ID"))
+    with database(settings) as engine:
+        client = filing_client(settings, engine)
+        try:
+            result = cancel_batch(client, engine, source)
+        finally:
+            client.destroy()
+    if as_json:
+        print_json(result)
+    else:
+        print_mapping(f"batch {source}", result)
 
 
 # --- operating ------------------------------------------------------------------------------
@@ -608,20 +666,40 @@ def prune(
 def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Bring the application schema and DBOS's system schema to head. Idempotent, and safe
     to run concurrently."""
+    from accessctl.limits import ensure_shared_limit
     from accessctl.render import print_json
-    from accessctl.runtime import open_engine
+    from accessctl.runtime import filing_client, open_engine
     from accessctl.schema import migrate as run_migrations
+    from accessctl.schema import migration_lock
 
     settings = _settings(ctx)
     engine = open_engine(settings)
     try:
         head = run_migrations(engine)
+        client = filing_client(settings, engine)
+        try:
+            # A new database gets the configured limit; an existing one keeps its own.
+            # Under the migration lock, so concurrent migrates store and record it once.
+            with migration_lock(engine):
+                shared = ensure_shared_limit(client, engine, settings, reason="migrate")
+        finally:
+            client.destroy()
     finally:
         engine.dispose()
+    if settings.sources.get("rate_limit", "default") != "default" and (
+        settings.rate_limit != shared.rate_limit
+    ):
+        import structlog
+
+        structlog.get_logger("accessctl").warning(
+            "the shared limit stays as stored; `accessctl limit set` changes it",
+            stored=str(shared.rate_limit) if shared.rate_limit else "none",
+            configured=str(settings.rate_limit) if settings.rate_limit else "none",
+        )
     if as_json:
-        print_json({"revision": head})
+        print_json({"revision": head, "shared_limit": shared.as_dict()})
     else:
-        typer.echo(f"schema at head (revision {head})")
+        typer.echo(f"schema at head (revision {head}); shared limit {shared.describe()}")
 
 
 @app.command(epilog="Example: accessctl worker --burst   # from cron: drain, then exit")
@@ -646,6 +724,93 @@ def worker(
         run_worker(runtime, stop, burst=burst)
     if stop.is_set():
         raise Interrupted("worker stopped; queued work stays for other workers", reason())
+
+
+# --- the shared limit -------------------------------------------------------------------------
+
+
+@contextmanager
+def _limit_client(ctx: typer.Context) -> Iterator[tuple[Settings, Any, Any]]:
+    from accessctl.runtime import database, filing_client
+
+    settings = _settings(ctx)
+    with database(settings) as engine:
+        client = filing_client(settings, engine)
+        try:
+            yield settings, engine, client
+        finally:
+            client.destroy()
+
+
+@limit_app.command("show", epilog="Example: accessctl limit show --json")
+@handles_errors
+def limit_show(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Show the shared rate limit and concurrency, and who set them when."""
+    from accessctl.limits import ensure_shared_limit
+    from accessctl.render import print_json, print_mapping
+
+    with _limit_client(ctx) as (settings, engine, client):
+        shared = ensure_shared_limit(client, engine, settings, reason="first run")
+    if as_json:
+        print_json(shared.as_dict())
+    else:
+        print_mapping("shared limit", shared.as_dict())
+
+
+@limit_app.command(
+    "set",
+    epilog="Examples: accessctl limit set 50/30 --concurrency 10 | accessctl limit set none",
+)
+@handles_errors
+def limit_set(
+    ctx: typer.Context,
+    rate: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="LIMIT/SECONDS",
+            help="Starts per seconds (e.g. 50/30), or none. Default: keep the current one.",
+        ),
+    ] = None,
+    new_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            metavar="N",
+            min=1,
+            max=int(BOUNDS["concurrency"].high),  # the documented bound of the setting
+            help="Requests in flight at most, globally. Default: keep the current value.",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change the shared rate limit. Every running worker follows within one poll; the
+    change is recorded with who made it and when (`accessctl limit show`)."""
+    from accessctl.limits import ensure_shared_limit, set_shared_limit
+    from accessctl.render import print_json, print_mapping
+    from accessctl.settings import parse_rate_limit
+
+    if rate is None and new_concurrency is None:
+        raise UsageError("give a new limit (e.g. 50/30 or none), --concurrency N, or both")
+    with _limit_client(ctx) as (settings, engine, client):
+        current = ensure_shared_limit(client, engine, settings, reason="first run")
+        try:
+            rate_limit = (
+                parse_rate_limit(rate, "limit set") if rate is not None else current.rate_limit
+            )
+        except AccessctlError as exc:
+            raise UsageError(exc.message) from None
+        before, after = set_shared_limit(
+            client,
+            engine,
+            settings,
+            rate_limit=rate_limit,
+            concurrency=new_concurrency if new_concurrency is not None else current.concurrency,
+        )
+    result = {"before": before.as_dict() if before else None, "after": after.as_dict()}
+    if as_json:
+        print_json(result)
+    else:
+        print_mapping("shared limit", after.as_dict())
 
 
 # --- users ----------------------------------------------------------------------------------

@@ -286,12 +286,16 @@ def describe_db_error(
     exc: BaseException, password: str | None = None, *, url: str | sa.URL | None = None
 ) -> str:
     """The driver's first line of explanation, with any password scrubbed out: ``password``
-    and every password ``url`` carries (userinfo and query)."""
+    and every password ``url`` carries (userinfo and query), and any ``user:password@``
+    or ``password=...`` field, by ``redact.redact_text``. A short password is hidden only
+    as a whole token, never as every matching substring: blanking each "p" of a message
+    mangles it and gives the password away by elimination."""
+    from accessctl.redact import redact_text
+
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     hidden = ([password] if password else []) + (url_secrets(url) if url is not None else [])
-    for secret in sorted(hidden, key=len, reverse=True):
-        text = text.replace(secret, "***")
+    text = redact_text(text, hidden, limit=None)
     if "database disk image is malformed" in text:
         text += f": the SQLite file is damaged; {CORRUPT_HINT.split(';')[0]}"
     return text

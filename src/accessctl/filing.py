@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from accessctl.errors import UsageError
 from accessctl.models import Batch, Error, utcnow
 from accessctl.workflows import (
     BATCH_QUEUE_NAME,
@@ -128,8 +129,22 @@ def _write_transaction(client: DBOSClient) -> Iterator[sa.Connection]:
         yield conn
 
 
-def _batch_exists(conn: sa.Connection, batch_id: uuid.UUID) -> bool:
-    return conn.scalar(sa.select(Batch.id).where(Batch.id == batch_id)) is not None
+def _attach_to_existing(conn: sa.Connection, request: BatchRequest) -> bool:
+    """True if ``request``'s batch was already filed and may be attached to: the same key
+    with the same input. The same key with other input is refused (exit 2), naming the
+    batch; a batch filed before digests were kept (0.2.0) attaches as it did then."""
+    row = conn.execute(
+        sa.select(Batch.total, Batch.input_digest).where(Batch.id == uuid.UUID(request.batch_id))
+    ).first()
+    if row is None:
+        return False
+    if row.input_digest is not None and row.input_digest != request.input_digest():
+        raise UsageError(
+            f"key {request.key!r} already names batch {request.batch_id} "
+            f"({row.total} request(s)), filed with other input; the same key must come with "
+            "the same input: use another key for this one"
+        )
+    return True
 
 
 def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float]) -> bool:
@@ -141,7 +156,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
     created_ms = int(time.time() * 1000)
     try:
         with _write_transaction(client) as conn:
-            if _batch_exists(conn, bid):
+            if _attach_to_existing(conn, request):
                 return False
             conn.execute(
                 sa.insert(Batch).values(
@@ -149,6 +164,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                     key=request.key,
                     total=total,
                     retry_of=uuid.UUID(request.retry_of) if request.retry_of else None,
+                    input_digest=request.input_digest(),
                     created_at=utcnow(),
                 )
             )
@@ -169,6 +185,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                 ],
                 created_ms,
             )
+            keys = request.idempotency_keys
             for start in range(0, len(request.user_ids), CHUNK):
                 statuses = [
                     _status(
@@ -181,6 +198,9 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                         None,
                         1,
                         retry,
+                        # A retried request's original key (file_request's last parameter),
+                        # only when it has one: other requests' inputs are as before.
+                        *((1, 0.0, keys[index]) if keys and keys[index] else ()),
                     )
                     for index, user_id in enumerate(
                         request.user_ids[start : start + CHUNK], start=start
@@ -191,7 +211,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
     except IntegrityError:
         # A concurrent run with the same key committed the batch first: attach to it.
         with client._sys_db.engine.connect() as conn:
-            if not _batch_exists(conn, bid):
+            if not _attach_to_existing(conn, request):
                 raise
         return False
 

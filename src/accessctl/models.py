@@ -23,6 +23,32 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp stored and compared as UTC on every backend.
+
+    Postgres's ``timestamptz`` compares instants by itself; SQLite stores the wall-clock
+    text it is given, so ``14:24-05:00`` would be stored and compared as ``14:24``. Every
+    value is converted to UTC on the way in (naive ones are taken as UTC) and comes back
+    UTC-aware, so a filter with any offset means that instant on both backends."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        from datetime import UTC
+
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        from datetime import UTC
+
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -52,10 +78,8 @@ class User(Base):
     id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(sa.String(200))
     email: Mapped[str] = mapped_column(sa.String(320), unique=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        sa.DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class Batch(Base):
@@ -64,11 +88,20 @@ class Batch(Base):
     id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True)
     key: Mapped[str | None] = mapped_column(sa.String(200), unique=True)
     total: Mapped[int] = mapped_column(sa.Integer)
-    created_at: Mapped[datetime] = mapped_column(
-        sa.DateTime(timezone=True), default=utcnow, index=True
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     # Set on a batch filed by `accessctl retry`: the batch whose failures it re-files.
     retry_of: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid, index=True)
+    # SHA-256 of the batch's input (its requests' user IDs in order, and its refused
+    # lines): a key given again with other input is refused, never silently attached.
+    input_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    # The outcome, written once when the batch ends (or when prune finalizes it), so
+    # reports stay true after its workflow records and error rows are pruned.
+    recorded: Mapped[int | None] = mapped_column(sa.Integer)
+    failed: Mapped[int | None] = mapped_column(sa.Integer)
+    state: Mapped[str | None] = mapped_column(sa.String(20))
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set by `accessctl cancel`: no request of the batch starts after this.
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Access(Base):
@@ -83,10 +116,8 @@ class Access(Base):
     # can never be written twice, whatever replays.
     request_id: Mapped[str | None] = mapped_column(sa.String(120), unique=True)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid, index=True)
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        sa.DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class Error(Base):
@@ -99,6 +130,20 @@ class Error(Base):
     # Copies of message fields that queries filter on, so they can be indexed and unique.
     batch_id: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
     request_id: Mapped[str | None] = mapped_column(sa.String(120), unique=True)
-    created_at: Mapped[datetime] = mapped_column(
-        sa.DateTime(timezone=True), default=utcnow, index=True
-    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class LimitChange(Base):
+    """Who set the shared rate limit, when, and to what (``accessctl limit show``). The
+    limit itself lives in DBOS's ``queues`` row, which every worker re-reads."""
+
+    __tablename__ = "limit_changes"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    changed_by: Mapped[str] = mapped_column(sa.String(200))
+    reason: Mapped[str] = mapped_column(sa.String(40))
+    rate_limit: Mapped[int | None] = mapped_column(sa.Integer)
+    period: Mapped[float | None] = mapped_column(sa.Float)
+    call_slack: Mapped[float] = mapped_column(sa.Float)
+    concurrency: Mapped[int] = mapped_column(sa.Integer)

@@ -2,7 +2,8 @@
 
 Only finished work is touched: a batch's records go once its batch workflow has finished
 (its requests' records with it), and the ``errors`` rows of any batch still running are
-kept. Deletes run in bounded chunks, one short transaction each, so a large prune never
+kept. A batch's ``batches`` row stays, with its outcome stored first, so ``batches``,
+``status`` and a rerun of its key report it as it ended. Deletes run in bounded chunks, one short transaction each, so a large prune never
 holds locks for long. ``accesses`` rows are the record of what was filed: never pruned.
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from accessctl.db import dbos_table
-from accessctl.models import Error
+from accessctl.models import Batch, Error
+from accessctl.workflows import record_outcome
 
 FINISHED = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 CHUNK = 1000
@@ -65,14 +67,25 @@ def prune(engine: sa.Engine, cutoff: datetime, *, dry_run: bool) -> dict[str, An
                 )
             )
         }
-        doomed_errors = [
-            r[0]
+        doomed = [
+            (r[0], r[1])
             for r in conn.execute(
                 sa.select(Error.id, Error.batch_id).where(Error.created_at < cutoff)
             )
             if r[1] is None or str(r[1]) not in running_batches
         ]
+        doomed_errors = [error_id for error_id, _ in doomed]
+        existing = {
+            str(r[0]) for r in conn.execute(sa.select(Batch.id).where(Batch.state.is_(None)))
+        }
     removed = {"workflows": 0, "errors": 0, "batches": len(batch_workflows)}
+    if not dry_run:
+        # Store each affected batch's outcome first: its report must not change when the
+        # rows and records it was counted from go (workflows.record_outcome).
+        affected = {b[len("batch-") :] for b in batch_workflows}
+        affected |= {str(batch_id) for _, batch_id in doomed if batch_id is not None}
+        for batch_id in sorted(affected & existing):
+            record_outcome(engine, batch_id)
     for batch_workflow in batch_workflows:
         batch_id = batch_workflow[len("batch-") :]
         pattern = f"req-{batch_id}-%"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -16,17 +16,15 @@ from accessctl.db import dbos_table
 from accessctl.errors import UsageError
 from accessctl.models import Access, Batch, Error, User
 
-if TYPE_CHECKING:
-    pass
-
 _RELATIVE = re.compile(r"(\d{1,12})\s*([smhdw])", re.ASCII)
 # A LIMIT larger than a signed 64-bit integer overflows both drivers; nobody needs more.
 MAX_LIMIT = 2**63 - 1
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """``30m``, ``2h``, ``7d`` ago, or an ISO date/time (UTC when no zone is given)."""
+def parse_since(text: str, now: datetime | None = None, *, option: str = "--since") -> datetime:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO date/time (UTC when no zone is given).
+    ``option`` names the flag in errors."""
     now = now or datetime.now(UTC)
     value = text.strip()
     match = _RELATIVE.fullmatch(value)
@@ -34,14 +32,15 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         try:
             return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
         except OverflowError:
-            raise UsageError(f"--since {text[:40]!r} reaches back too far") from None
+            raise UsageError(f"{option} {text[:40]!r} reaches back too far") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise UsageError(
-            f"--since {text[:40]!r} is not a duration (30m, 2h, 7d) or an ISO date/time"
+            f"{option} {text[:40]!r} is not a duration (30m, 2h, 7d) or an ISO date/time"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # An offset means that instant: compared in UTC on both backends (models.UTCDateTime).
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def parse_uuid(text: str, what: str) -> uuid.UUID:
@@ -52,7 +51,7 @@ def parse_uuid(text: str, what: str) -> uuid.UUID:
 
 
 def iso_utc(value: datetime) -> str:
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    return (value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def list_errors(
@@ -101,18 +100,6 @@ def batch_status(engine: sa.Engine, batch_id: str | None) -> dict[str, Any]:
     return {**batch, "done": batch["recorded"] + batch["failed"]}
 
 
-def _batch_state(workflow_status: str | None, executor_alive: bool | None, done: bool) -> str:
-    if workflow_status == "SUCCESS" or (workflow_status is None and done):
-        # No workflow but every row written: the batch's records were pruned.
-        return "done"
-    if workflow_status in ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"):
-        return "failed"
-    if workflow_status == "PENDING" and executor_alive:
-        return "running"
-    # Queued for a worker, or its process died: the next run or any worker resumes it.
-    return "interrupted"
-
-
 def _executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, bool]:
     """Whether each executor still holds its lease (read-only: nothing is adopted)."""
     from accessctl.lease import FileLease
@@ -134,19 +121,32 @@ def _executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, boo
 def list_batches(
     engine: sa.Engine, *, limit: int, only: uuid.UUID | None = None
 ) -> list[dict[str, Any]]:
-    """Recent batches (or just ``only``), newest first, with outcome counts and state."""
-    from accessctl.workflows import batch_workflow_id
+    """Recent batches (or just ``only``), newest first, with outcome counts and state
+    (batch_state.py). A batch that ended reports the outcome stored with it."""
+    from accessctl.batch_state import batch_state
+    from accessctl.workflows import batch_workflow_id, requests_in_flight
 
     if limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     with engine.connect() as conn:
-        query = sa.select(Batch.id, Batch.key, Batch.created_at, Batch.total, Batch.retry_of)
+        query = sa.select(
+            Batch.id,
+            Batch.key,
+            Batch.created_at,
+            Batch.total,
+            Batch.retry_of,
+            Batch.recorded,
+            Batch.failed,
+            Batch.state,
+            Batch.cancelled_at,
+        )
         if only is not None:
             query = query.where(Batch.id == only)
         batches = conn.execute(
             query.order_by(Batch.created_at.desc(), Batch.id).limit(min(limit, MAX_LIMIT))
         ).all()
-        ids = [b.id for b in batches]
+        # Counted only for the batches still going: an ended batch stored its outcome.
+        ids = [b.id for b in batches if b.state is None]
         recorded = dict(
             conn.execute(
                 sa.select(Access.batch_id, sa.func.count())
@@ -177,34 +177,72 @@ def list_batches(
     )
     result = []
     for b in batches:
+        if b.state is not None:
+            counts = (b.recorded or 0, b.failed or 0)
+        else:
+            counts = (recorded.get(b.id, 0), failed.get(b.id, 0))
         status, executor = workflows.get(batch_workflow_id(str(b.id)), (None, None))
+        complete = sum(counts) >= b.total
+        ended = status is None or status not in ("ENQUEUED", "PENDING")
+        state = batch_state(
+            stored=b.state,
+            complete=complete,
+            cancelled=b.cancelled_at is not None,
+            follower_status=status,
+            follower_alive=alive.get(str(executor)) if executor else None,
+            # Only asked where it decides: nobody follows the batch and rows are missing.
+            requests_in_flight=(
+                b.state is None
+                and not complete
+                and ended
+                and requests_in_flight(engine, str(b.id)) > 0
+            ),
+        )
         result.append(
             {
                 "batch_id": str(b.id),
                 "key": b.key,
                 "created_at": iso_utc(b.created_at),
                 "total": b.total,
-                "recorded": recorded.get(b.id, 0),
-                "failed": failed.get(b.id, 0),
-                "state": _batch_state(
-                    status,
-                    alive.get(str(executor)) if executor else None,
-                    recorded.get(b.id, 0) + failed.get(b.id, 0) >= b.total,
-                ),
+                "recorded": counts[0],
+                "failed": counts[1],
+                "state": str(state),
                 "retry_of": str(b.retry_of) if b.retry_of else None,
             }
         )
     return result
 
 
+# Failures after which the provider definitely did not file the request: a retry of it
+# is a new request, with a new idempotency key. After any other failure the provider may
+# have acted, and a retry must present the original key.
+_NOT_FILED = ("UnknownUser", "InvalidUserId")
+
+
+def retry_key(message: dict[str, Any], request_id: str | None) -> str | None:
+    """The idempotency key a retry of this failed request must send, or None for a new
+    one: the key the request itself sent (the very first request's ID, however many
+    retries ago), unless the provider certainly did not act on it (an unknown user, an
+    invalid ID, or a definite refusal: a 3xx or 4xx other than 429)."""
+    error_class = message.get("error_class")
+    status = message.get("http_status")
+    if error_class in _NOT_FILED:
+        return None
+    if error_class == "ProviderRefused" and isinstance(status, int) and 300 <= status < 500:
+        return None
+    key = message.get("idempotency_key") or request_id
+    return str(key) if key else None
+
+
 def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
-    """The failed requests of a batch that can be filed again (they name a user)."""
+    """The failed requests of a batch that can be filed again (they name a user), each
+    with the idempotency key its retry must send (``retry_key``)."""
     bid = parse_uuid(batch_id, "batch ID")
     with engine.connect() as conn:
         if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
             raise UsageError(f"no batch with ID {bid}")
         rows = conn.execute(
-            sa.select(Error.id, Error.message, Error.created_at)
+            sa.select(Error.id, Error.message, Error.created_at, Error.request_id)
             .where(Error.batch_id == bid)
             .order_by(Error.created_at, Error.id)
         ).all()
@@ -213,6 +251,7 @@ def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
             "error_id": str(r.id),
             "user_id": r.message.get("user_id"),
             **{"error_class": r.message.get("error_class")},
+            "idempotency_key": retry_key(r.message, r.request_id),
         }
         for r in rows
         if isinstance(r.message, dict) and r.message.get("user_id")

@@ -25,6 +25,7 @@ from accessctl.db import (
     normalize_url,
 )
 from accessctl.errors import ConfigError, DatabaseUnreachable, SchemaNotMigrated
+from accessctl.limits import SharedLimit, check_configured, ensure_shared_limit, following
 from accessctl.settings import APP_NAME, Settings
 
 if TYPE_CHECKING:
@@ -144,43 +145,27 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
     return config
 
 
-def provider_config(settings: Settings) -> ProviderConfig | None:
+def provider_config(settings: Settings, shared: SharedLimit) -> ProviderConfig | None:
     from accessctl.provider import ProviderConfig, call_slack_for, warm_up
 
     if not settings.provider_url:
         return None
+    if shared.rate_limit is not None and shared.call_slack == 0:
+        log.warning(
+            "the shared limit's window has no provider call slack, so calls can exceed it "
+            "slightly; set it again with the provider configured: accessctl limit set "
+            f"{shared.rate_limit}"
+        )
     warm_up(settings.provider_timeout)
+    period = shared.rate_limit.period if shared.rate_limit else None
     return ProviderConfig(
         url=settings.provider_url,
         token=settings.provider_token,
         timeout=settings.provider_timeout,
         max_attempts=settings.provider_max_attempts,
         deadline=settings.provider_deadline,
-        call_slack=call_slack_for(settings.rate_limit.period if settings.rate_limit else None),
+        call_slack=shared.call_slack or call_slack_for(period),
     )
-
-
-# With the limit lifted: 50 polls a second per process, each one short claim query.
-UNLIMITED_POLL_SEC = 0.02
-
-
-def queue_polling_interval(settings: Settings) -> float:
-    """How often the request queue polls. Nothing wakes a queue when a limiter window
-    frees up, so each window starts up to one interval late: keep that near 2% of the
-    period (10/2 polls every 0.04 s), and never slower than the configured interval.
-    Without a limiter the concurrency limit is what admits: a finished request's slot is
-    refilled at the next poll, so poll often enough that the slots never sit empty long."""
-    if settings.rate_limit is None:
-        return min(settings.poll_interval, UNLIMITED_POLL_SEC)
-    return min(settings.poll_interval, max(0.02, settings.rate_limit.period / 50))
-
-
-def queue_window(settings: Settings, provider: ProviderConfig | None) -> float | None:
-    """The request queue's limiter period: the configured one widened by the provider's
-    call slack (see workflows.call_provider_step for why calls then respect the limit)."""
-    if settings.rate_limit is None:
-        return None
-    return settings.rate_limit.period + (provider.call_slack if provider else 0.0)
 
 
 def filing_client(settings: Settings, engine: sa.Engine) -> DBOSClient:
@@ -195,30 +180,12 @@ def filing_client(settings: Settings, engine: sa.Engine) -> DBOSClient:
     )
 
 
-def register_queues(
-    client: DBOSClient, settings: Settings, provider: ProviderConfig | None
-) -> None:
-    from accessctl import workflows
-
-    window = queue_window(settings, provider)
-    limiter = (
-        {"limit": settings.rate_limit.limit, "period": window}
-        if settings.rate_limit and window is not None
-        else None
-    )
-    client.register_queue(
-        workflows.QUEUE_NAME,
-        limiter=limiter,  # type: ignore[arg-type]
-        global_concurrency=settings.concurrency,
-        worker_concurrency=settings.concurrency,
-        polling_interval_sec=queue_polling_interval(settings),
-        on_conflict="always_update",
-    )
-    client.register_queue(
-        workflows.BATCH_QUEUE_NAME,
-        polling_interval_sec=settings.poll_interval,
-        on_conflict="always_update",
-    )
+def shared_limit_for(settings: Settings, client: DBOSClient, engine: sa.Engine) -> SharedLimit:
+    """The stored limit this run follows (stored first on a new database); exit 2 if the
+    run's own limit, given on purpose, differs."""
+    shared = ensure_shared_limit(client, engine, settings, reason="first run")
+    check_configured(settings, shared)
+    return shared
 
 
 @contextlib.contextmanager
@@ -250,16 +217,17 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
                 f"cannot take the executor lease beside {hide_password(settings.database_url)} "
                 f"({exc.strerror}); the database's directory must be writable"
             ) from None
+        client = filing_client(settings, engine)
+        # Before launch: DBOS then polls both queues at once instead of discovering them
+        # on its next scan (a second later), and a refused run leaves nothing behind.
+        shared = shared_limit_for(settings, client, engine)
+        settings = following(settings, shared)
         if settings.is_sqlite:
             serialize_sqlite_claims()
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
-        provider = provider_config(settings)
+        provider = provider_config(settings, shared)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
         bound = workflows.bind(engine, settings.poll_interval, provider)
-        client = filing_client(settings, engine)
-        # Registered before launch, so DBOS starts polling both queues at once instead of
-        # discovering them on its next scan (a second later).
-        register_queues(client, settings, provider)
         try:
             DBOS.launch()
         except DBOSInitializationError as exc:
@@ -275,10 +243,10 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             lease,
             workflows.WORKFLOW_VERSION,
             limited_queue=workflows.QUEUE_NAME,
-            period=queue_window(settings, provider),
+            period=shared.window,
         )
         adopter.start()
-        log.debug("runtime up", executor=executor_id, rate_limit=str(settings.rate_limit))
+        log.debug("runtime up", executor=executor_id, shared_limit=shared.describe())
         yield Runtime(settings, engine, executor_id, queue, client)
     finally:
         if adopter is not None:
@@ -304,4 +272,5 @@ def map_runtime_error(exc: BaseException, settings: Settings) -> Exception:
     url = hide_password(settings.database_url)
     if isinstance(exc, (ConfigError, DatabaseUnreachable, SchemaNotMigrated)):
         return exc
-    return DatabaseUnreachable(f"database {url} failed: {describe_db_error(exc)}")
+    detail = describe_db_error(exc, url=settings.database_url)
+    return DatabaseUnreachable(f"database {url} failed: {detail}")

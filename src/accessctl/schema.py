@@ -65,7 +65,7 @@ def current_revision(engine: sa.Engine) -> str | None:
 
 # The newest migration in migrations/versions (a test keeps the two equal). Every command
 # checks the schema; comparing with this constant spares it importing Alembic (~0.1 s).
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 
 def _stamped_revision(engine: sa.Engine) -> str | None:
@@ -119,7 +119,7 @@ def is_blank_database(engine: sa.Engine) -> bool:
 
 
 @contextlib.contextmanager
-def _migration_lock(engine: sa.Engine) -> Iterator[None]:
+def migration_lock(engine: sa.Engine) -> Iterator[None]:
     """Serialize migrators: a Postgres advisory lock, or SQLite's write lock.
 
     On Postgres the lock is polled with ``pg_try_advisory_lock`` on an AUTOCOMMIT
@@ -159,7 +159,7 @@ def migrate(engine: sa.Engine) -> str:
 
     url = normalize_url(engine.url.render_as_string(hide_password=False))
     try:
-        with _migration_lock(engine):
+        with migration_lock(engine):
             with engine.begin() as conn:
                 if is_sqlite_url(url):
                     # pysqlite does not begin a transaction for DDL: take the write lock

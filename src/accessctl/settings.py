@@ -148,6 +148,7 @@ class Settings:
     def public_view(self) -> dict[str, Any]:
         """The resolved values as an operator may see them: passwords hidden."""
         from accessctl.db import hide_password
+        from accessctl.redact import redact_url
 
         return {
             "database_url": hide_password(self.database_url),
@@ -159,7 +160,7 @@ class Settings:
             "max_batch": self.max_batch,
             "shutdown_grace": self.shutdown_grace,
             "poll_interval": self.poll_interval,
-            "provider_url": _hide_url_password(self.provider_url) if self.provider_url else None,
+            "provider_url": redact_url(self.provider_url) if self.provider_url else None,
             "provider_token": "(set)" if self.provider_token else None,
             "provider_timeout": self.provider_timeout,
             "provider_max_attempts": self.provider_max_attempts,
@@ -397,13 +398,3 @@ def _read_token_file(path: str, origin: str) -> str:
         # the Authorization header (or is not the file the operator meant).
         raise SettingError(f"{label} {_shown(path)} holds control characters or several lines")
     return check_length(token, origin, "provider_token")
-
-
-def _hide_url_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

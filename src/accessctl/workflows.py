@@ -15,17 +15,18 @@ queue after launch (``bind``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 
 from accessctl.db import dbos_table, describe_db_error, sqlstate_of
-from accessctl.models import Access, AccessStatus, Error, User, utcnow
+from accessctl.models import Access, AccessStatus, Batch, Error, User, utcnow
 
 if TYPE_CHECKING:
     from dbos import Queue
@@ -54,6 +55,7 @@ class Summary(TypedDict):
     total: int
     recorded: int
     failed: int
+    state: NotRequired[str]  # batch_state.BatchState; absent from a follower's own result
 
 
 class _Bound:
@@ -149,10 +151,12 @@ def error_message(
 # --- transactions (each one database transaction, keyed by the request's ID) --------------
 
 
-def _lookup(conn: sa.Connection, request_id: str, user_id: str | None) -> tuple[str | None, bool]:
-    """(the request's outcome if it has its row, whether its user exists), in one round
-    trip. A request's outcome is keyed by its durable ID: whatever re-runs, it is written
-    once."""
+def _lookup(
+    conn: sa.Connection, request_id: str, user_id: str | None, batch_id: str | None = None
+) -> tuple[str | None, bool, bool]:
+    """(the request's outcome if it has its row, whether its user exists, whether its batch
+    was cancelled), in one round trip. A request's outcome is keyed by its durable ID:
+    whatever re-runs, it is written once."""
     recorded = sa.select(Access.id).where(Access.request_id == request_id).scalar_subquery()
     failed = sa.select(Error.id).where(Error.request_id == request_id).scalar_subquery()
     user = (
@@ -160,9 +164,14 @@ def _lookup(conn: sa.Connection, request_id: str, user_id: str | None) -> tuple[
         if user_id is not None
         else sa.null()
     )
-    row = conn.execute(sa.select(recorded, failed, user)).one()
+    cancelled = (
+        sa.select(Batch.cancelled_at).where(Batch.id == uuid.UUID(batch_id)).scalar_subquery()
+        if batch_id is not None
+        else sa.null()
+    )
+    row = conn.execute(sa.select(recorded, failed, user, cancelled)).one()
     outcome = "recorded" if row[0] is not None else "failed" if row[1] is not None else None
-    return outcome, row[2] is not None
+    return outcome, row[2] is not None, row[3] is not None
 
 
 def _add_error(conn: sa.Connection, request_id: str, batch_id: str, message: dict[str, Any]) -> str:
@@ -189,14 +198,33 @@ def _add_unknown_user(conn: sa.Connection, request_id: str, batch_id: str, user_
     return _add_error(conn, request_id, batch_id, message)
 
 
+def _add_cancelled(conn: sa.Connection, request_id: str, batch_id: str, user_id: str | None) -> str:
+    message = error_message(
+        batch_id=batch_id,
+        request_id=request_id,
+        user_id=user_id,
+        error_class="Cancelled",
+        detail="the batch was cancelled before this request started",
+    )
+    return _add_error(conn, request_id, batch_id, message)
+
+
 def _record_access(
-    request_id: str, batch_id: str, user_id: str, status: str = AccessStatus.REQUESTED.value
+    request_id: str,
+    batch_id: str,
+    user_id: str,
+    status: str = AccessStatus.REQUESTED.value,
+    *,
+    before_call: bool = True,
 ) -> str:
-    """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user."""
+    """File one request: an ``accesses`` row, or an ``errors`` row for an unknown user (or
+    for a cancelled batch, when nothing was called yet)."""
     with _runtime().engine.begin() as conn:
-        existing, user_exists = _lookup(conn, request_id, user_id)
+        existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
         if existing is not None:
             return existing
+        if cancelled and before_call:
+            return _add_cancelled(conn, request_id, batch_id, user_id)
         if not user_exists:
             return _add_unknown_user(conn, request_id, batch_id, user_id)
         now = utcnow()
@@ -216,7 +244,7 @@ def _record_access(
 
 def _record_error(request_id: str, batch_id: str, message: dict[str, Any]) -> str:
     with _runtime().engine.begin() as conn:
-        existing, _ = _lookup(conn, request_id, None)
+        existing, _, _ = _lookup(conn, request_id, None)
         return existing or _add_error(conn, request_id, batch_id, message)
 
 
@@ -234,11 +262,14 @@ def is_transient(exc: BaseException) -> bool:
 
 def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
-    its row, ``"failed"`` (with its row) for an unknown user, else ``"ready"``."""
+    its row, ``"failed"`` (with its row) for an unknown user or a cancelled batch, else
+    ``"ready"``."""
     with _runtime().engine.begin() as conn:
-        existing, user_exists = _lookup(conn, request_id, user_id)
+        existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
         if existing is not None:
             return existing
+        if cancelled:
+            return _add_cancelled(conn, request_id, batch_id, user_id)
         return "ready" if user_exists else _add_unknown_user(conn, request_id, batch_id, user_id)
 
 
@@ -260,8 +291,11 @@ def _seconds_since_start(workflow_id: str) -> float:
 
 
 @DBOS.step(name="accessctl.call_provider")
-def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str, Any]:
-    """One provider call: a checkpointed step, so a replay does not call again.
+def call_provider_step(
+    request_id: str, user_id: str, batch_id: str, idempotency_key: str | None = None
+) -> dict[str, Any]:
+    """One provider call: a checkpointed step, so a replay does not call again. Its result
+    is redacted by ``call_provider`` before DBOS stores it.
 
     The limiter admits *starts*; the provider sees *calls*. The queue's window is widened
     by ``call_slack`` and a call is only made within ``call_slack`` of its start, so any
@@ -277,7 +311,13 @@ def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str
     # provider (a busy host can pause a thread between the check and the send).
     if _seconds_since_start(workflow_id) > provider.call_slack / 2:
         return {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
-    return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
+    return call_provider(
+        provider,
+        request_id=request_id,
+        user_id=user_id,
+        batch_id=batch_id,
+        idempotency_key=idempotency_key,
+    )
 
 
 def _run_tx(transaction: Any, *args: Any) -> Any:
@@ -300,16 +340,30 @@ def _run_tx(transaction: Any, *args: Any) -> Any:
     raise last
 
 
-def _database_failure(request_id: str, batch_id: str, user_id: str, exc: BaseException) -> str:
+def _database_failure(
+    request_id: str,
+    batch_id: str,
+    user_id: str,
+    exc: BaseException,
+    idempotency_key: str | None = None,
+) -> str:
     message = error_message(
         batch_id=batch_id,
         request_id=request_id,
         user_id=user_id,
         error_class=type(exc).__name__ if not is_transient(exc) else "TransientRetriesExhausted",
-        detail=describe_db_error(exc),
+        detail=describe_db_error(exc, url=_runtime().engine.url),
         sqlstate=sqlstate_of(exc),
+        **_key_field(idempotency_key),
     )
     return str(_record_error(request_id, batch_id, message))
+
+
+def _key_field(idempotency_key: str | None) -> dict[str, str]:
+    """An errors row's record of the key its provider calls carried, when that was not
+    its own request ID (a retry of a request the provider may have acted on), so that a
+    retry of this retry still presents the very first key (``queries.failed_requests``)."""
+    return {"idempotency_key": idempotency_key} if idempotency_key else {}
 
 
 def _jitter(request_id: str, attempt: int) -> float:
@@ -327,6 +381,7 @@ def _enqueue_next(
     tries: int,
     waited: float,
     delay: float,
+    idempotency_key: str | None,
 ) -> None:
     """Send this request through the rate-limited queue again, as a new workflow (each
     try has its own ID; the request keeps ``request_id``). Enqueuing is a checkpointed
@@ -334,7 +389,17 @@ def _enqueue_next(
     options = SetEnqueueOptions(delay_seconds=delay) if delay > 0 else SetEnqueueOptions()
     with SetWorkflowID(f"{request_id}.t{tries + 1}"), options:
         _runtime().queue.enqueue(
-            file_request, batch_id, user_id, request_id, attempt, retry, tries + 1, waited
+            file_request,
+            batch_id,
+            user_id,
+            request_id,
+            attempt,
+            retry,
+            tries + 1,
+            waited,
+            # Appended only when set: the stored inputs of an ordinary request stay as
+            # they were, and a request the previous release queued replays as it was.
+            *((idempotency_key,) if idempotency_key else ()),
         )
 
 
@@ -346,6 +411,7 @@ def _provider_attempt(
     retry: dict[str, float],
     tries: int,
     waited: float,
+    idempotency_key: str | None,
 ) -> str:
     """One provider attempt: its outcome, or ``"requeued"`` once the next try is queued."""
     from accessctl.provider import backoff_seconds
@@ -353,18 +419,37 @@ def _provider_attempt(
     state = _run_tx(_check_request, rid, batch_id, user_id)
     if state != "ready":
         return str(state)
-    answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id)
+    answer: dict[str, Any] = call_provider_step(rid, user_id, batch_id, idempotency_key)
     outcome = answer["outcome"]
     if outcome in ("approved", "rejected", "requested"):
-        return str(_run_tx(_record_access, rid, batch_id, user_id, outcome))
+        # The provider acted: its answer is recorded even if the batch was cancelled since.
+        return str(
+            _run_tx(
+                functools.partial(_record_access, before_call=False),
+                rid,
+                batch_id,
+                user_id,
+                outcome,
+            )
+        )
     if outcome == "late":
         # Admitted but not called in time: no provider attempt was spent.
-        _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0)
+        _enqueue_next(batch_id, user_id, rid, attempt, retry, tries, waited, 0.0, idempotency_key)
         return "requeued"
     if outcome == "transient":
         delay = backoff_seconds(attempt, answer.get("retry_after"), _jitter(rid, attempt))
         if attempt < retry["max_attempts"] and waited + delay <= retry["deadline"]:
-            _enqueue_next(batch_id, user_id, rid, attempt + 1, retry, tries, waited + delay, delay)
+            _enqueue_next(
+                batch_id,
+                user_id,
+                rid,
+                attempt + 1,
+                retry,
+                tries,
+                waited + delay,
+                delay,
+                idempotency_key,
+            )
             return "requeued"
         error_class = "ProviderUnavailable"
         detail = f"gave up after {attempt} attempt(s): {answer.get('detail') or 'no answer'}"
@@ -378,6 +463,7 @@ def _provider_attempt(
         detail=detail,
         http_status=answer.get("http_status"),
         attempt=attempt,
+        **_key_field(idempotency_key),
     )
     return str(_run_tx(_record_error, rid, batch_id, message))
 
@@ -391,6 +477,7 @@ def file_request(
     retry: dict[str, float] | None = None,
     tries: int = 1,
     waited: float = 0.0,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """One try at one access request; this is what the rate limiter admits.
 
@@ -398,21 +485,26 @@ def file_request(
     records the outcome, or queues the next try (``"requeued"``). ``request_id`` is the
     request's durable ID (the first try's workflow ID): its idempotency key and its row's
     key. ``retry`` (``max_attempts``, ``deadline`` seconds) was fixed when the batch was
-    filed, so every replay decides alike; ``waited`` is the backoff spent so far."""
+    filed, so every replay decides alike; ``waited`` is the backoff spent so far.
+    ``idempotency_key``, when set, is the key of the earlier request this one re-files
+    (``accessctl retry``): its calls carry that key, while its row keeps ``request_id``.
+    It is the last parameter and optional, so inputs stored by earlier releases replay."""
     rid = request_id or DBOS.workflow_id
     assert rid is not None
     policy = retry or {"max_attempts": 1, "deadline": 0.0}
     try:
         if _runtime().provider is None:
             return {"outcome": _run_tx(_record_access, rid, batch_id, user_id)}
-        outcome = _provider_attempt(batch_id, user_id, rid, attempt, policy, tries, waited)
+        outcome = _provider_attempt(
+            batch_id, user_id, rid, attempt, policy, tries, waited, idempotency_key
+        )
         return {"outcome": outcome, "attempt": attempt}
     except Exception as exc:
         from sqlalchemy.exc import DBAPIError
 
         if not isinstance(exc, DBAPIError):
             raise
-        return {"outcome": _database_failure(rid, batch_id, user_id, exc)}
+        return {"outcome": _database_failure(rid, batch_id, user_id, exc, idempotency_key)}
 
 
 # A batch whose count has not moved for this long is checked for requests that ended
@@ -431,7 +523,38 @@ def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
     return int(recorded or 0), int(failed or 0)
 
 
-def _requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
+def record_outcome(engine: sa.Engine, batch_id: str) -> tuple[int, int, str]:
+    """Store a batch's outcome in its ``batches`` row, once: (recorded, failed, state).
+    Written when the batch ends (and by prune before it removes anything the counts are
+    read from), so its report survives pruning. Running it again changes nothing."""
+    from accessctl.batch_state import BatchState
+
+    bid = uuid.UUID(batch_id)
+    with engine.begin() as conn:
+        row = conn.execute(
+            sa.select(
+                Batch.total, Batch.recorded, Batch.failed, Batch.state, Batch.cancelled_at
+            ).where(Batch.id == bid)
+        ).one()
+        if row.state is not None:
+            return int(row.recorded or 0), int(row.failed or 0), str(row.state)
+        recorded = int(conn.scalar(sa.select(sa.func.count()).where(Access.batch_id == bid)) or 0)
+        failed = int(conn.scalar(sa.select(sa.func.count()).where(Error.batch_id == bid)) or 0)
+        if row.cancelled_at is not None:
+            state = BatchState.CANCELLED
+        elif recorded + failed >= row.total:
+            state = BatchState.DONE
+        else:
+            state = BatchState.FAILED
+        conn.execute(
+            sa.update(Batch)
+            .where(Batch.id == bid, Batch.state.is_(None))
+            .values(recorded=recorded, failed=failed, state=str(state), finished_at=utcnow())
+        )
+    return recorded, failed, str(state)
+
+
+def requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
     """Request workflows of this batch still queued, delayed or running. Once every row is
     written this is usually none; a try cut off by a crash after writing its row is still
     PENDING until an executor adopts it, and the batch waits for it, so a finished batch
@@ -457,20 +580,26 @@ def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
         load_output=False,
     )
     recorded = 0
+    with engine.connect() as conn:
+        cancelled = conn.scalar(
+            sa.select(Batch.cancelled_at).where(Batch.id == uuid.UUID(batch_id))
+        )
     for workflow in ended:
         args = list(workflow.input["args"]) if workflow.input else []
         user_id = args[1] if len(args) > 1 else None
         rid = args[2] if len(args) > 2 and args[2] else workflow.workflow_id
+        key = args[7] if len(args) > 7 and isinstance(args[7], str) else None
         message = error_message(
             batch_id=batch_id,
             request_id=rid,
             user_id=user_id,
-            error_class="RequestEnded",
+            error_class="Cancelled" if cancelled is not None else "RequestEnded",
             detail=f"request workflow {workflow.workflow_id} ended {workflow.status} "
             "without recording an outcome",
+            **_key_field(key),
         )
         with engine.begin() as conn:
-            existing, _ = _lookup(conn, rid, None)
+            existing, _, _ = _lookup(conn, rid, None)
             if existing is None:
                 _add_error(conn, rid, batch_id, message)
                 recorded += 1
@@ -490,7 +619,8 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
     while True:
         try:
             recorded, failed = outcome_counts(engine, batch_id)
-            if recorded + failed >= total and not _requests_in_flight(engine, batch_id):
+            if recorded + failed >= total and not requests_in_flight(engine, batch_id):
+                recorded, failed, _ = record_outcome(engine, batch_id)
                 return {
                     "batch_id": batch_id,
                     "key": key,
