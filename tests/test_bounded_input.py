@@ -232,6 +232,10 @@ def test_the_rate_limit_is_checked_against_its_bounds(no_db: Cli) -> None:
     # The flag and the config file are checked the same way, each named as the origin.
     one_line_error(no_db("--rate-limit", "5/0", "config"), 2, "--rate-limit", "period")
     one_line_error(no_db("--concurrency", "1001", "config"), 2, "--concurrency", "1,000")
+    # `limit set` (the stored, shared limit) takes the same bounds; click checks its option.
+    result = no_db("limit", "set", "--concurrency", "1001")
+    assert result.exit_code == 2 and "less than or equal to 1000" in result.stderr, result.stderr
+    assert not Path(no_db.database_url.removeprefix("sqlite:///")).exists()
 
 
 def test_settings_from_the_config_file_name_the_file_and_key(
