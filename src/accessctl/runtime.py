@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.db import check_connection, hide_password, make_engine, normalize_url
+from accessctl.db import (
+    check_connection,
+    check_sqlite_integrity,
+    hide_password,
+    make_engine,
+    normalize_url,
+)
 from accessctl.errors import ConfigError, DatabaseUnreachable, SchemaNotMigrated
 from accessctl.limits import SharedLimit, check_configured, ensure_shared_limit, following
 from accessctl.settings import APP_NAME, Settings
@@ -39,15 +45,22 @@ class Runtime:
     client: DBOSClient
 
 
-def open_engine(settings: Settings, *, pool_size: int = 3) -> sa.Engine:
-    """An engine on the configured database, checked to be reachable (exit 3 if not)."""
+def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -> sa.Engine:
+    """An engine on the configured database, checked to be reachable (exit 3 if not) and,
+    with ``check`` (executing and migrating), a SQLite file checked to be undamaged."""
     engine = make_engine(
         settings.database_url,
         connect_timeout=settings.connect_timeout,
         create_dir=settings.database_url_source == "default",
         pool_size=pool_size,
     )
-    check_connection(engine)
+    try:
+        check_connection(engine)
+        if check:
+            check_sqlite_integrity(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -56,7 +69,7 @@ def database(settings: Settings, *, auto_create: bool | None = None) -> Iterator
     """An engine whose schema is at head, for commands that do not execute workflows."""
     from accessctl.schema import ensure_schema
 
-    engine = open_engine(settings)
+    engine = open_engine(settings, check=False)  # readers: see check_sqlite_integrity
     try:
         ensure_schema(
             engine, auto_create=settings.is_sqlite if auto_create is None else auto_create
@@ -177,7 +190,13 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         ensure_schema(engine, auto_create=settings.is_sqlite)
         executor_id = new_executor_id()
         lease = make_lease(engine, executor_id)
-        lease.acquire()
+        try:
+            lease.acquire()
+        except OSError as exc:  # SQLite: the lease directory beside a read-only database
+            raise ConfigError(
+                f"cannot take the executor lease beside {hide_password(settings.database_url)} "
+                f"({exc.strerror}); the database's directory must be writable"
+            ) from None
         client = filing_client(settings, engine)
         # Before launch: DBOS then polls both queues at once instead of discovering them
         # on its next scan (a second later), and a refused run leaves nothing behind.
