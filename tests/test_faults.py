@@ -101,6 +101,10 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(cli: Cli, point: str) ->
     unknown = "99999999-9999-9999-9999-999999999999"
     n = 30
     args = ["batch", str(n), *user_args([*users, unknown]), "--key", f"kill-{point}", "--json"]
+    if point == "after-last-commit":
+        # The run notices its batch is complete at its next poll: a slow poll keeps it
+        # alive long enough after the last row for the kill to land there, not by luck.
+        cli.env["ACCESSCTL_POLL_INTERVAL"] = "3"
     proc = cli.popen(*args)
     batch_rows = f"SELECT count(*) FROM {cli.workflow_table} WHERE workflow_uuid LIKE 'batch-%'"
     if point == "fan-out":

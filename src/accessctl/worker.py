@@ -5,20 +5,23 @@ from __future__ import annotations
 import threading
 
 import sqlalchemy as sa
+from dbos import WorkflowStatusString
 
+from accessctl.batch_state import WORKFLOW_WAITING
 from accessctl.db import dbos_table
 from accessctl.runtime import Runtime
 from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
 
 
 def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
-    """Queued work anyone may take, plus work this executor is running."""
+    """Queued work anyone may take (delayed retries included: a burst worker must not
+    exit with a provider retry pending), plus work this executor is running."""
     table = dbos_table(engine)
     stmt = sa.text(
         f"SELECT count(*) FROM {table} WHERE application_version = :v AND ("
-        "(status = 'ENQUEUED' AND queue_name IN (:q1, :q2)) "
-        "OR (status = 'PENDING' AND executor_id = :me))"
-    )
+        "(status IN :waiting AND queue_name IN (:q1, :q2)) "
+        "OR (status = :pending AND executor_id = :me))"
+    ).bindparams(sa.bindparam("waiting", expanding=True))
     with engine.connect() as conn:
         return int(
             conn.execute(
@@ -28,6 +31,8 @@ def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
                     "q1": QUEUE_NAME,
                     "q2": BATCH_QUEUE_NAME,
                     "me": executor_id,
+                    "waiting": sorted(WORKFLOW_WAITING),
+                    "pending": WorkflowStatusString.PENDING.value,
                 },
             ).scalar()
             or 0
