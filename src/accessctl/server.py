@@ -429,7 +429,7 @@ def _filed(
 
     request = BatchRequest(user_ids=user_ids, invalid=invalid, key=key, **extra)
     try:
-        filed = file_batch(backend.client, request, retry_policy(backend.settings))
+        filed = file_batch(backend.client, backend.engine, request, retry_policy(backend.settings))
     except UsageError as exc:  # the key names a batch filed with other input
         raise ApiError(409, exc.message) from None
     log.info(
