@@ -142,7 +142,7 @@ def listen_address(host: str, port: int) -> tuple[socket.AddressFamily, Any]:
     """The (family, sockaddr) ``host:port`` names; UsageError if it names none."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: a NUL
         reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a host name"
         raise UsageError(f"--host {host[:80]!r}: cannot resolve ({reason})") from None
     family, _, _, _, sockaddr = infos[0]
