@@ -238,9 +238,9 @@ bulk INSERT ({fills}).
 "HTTP p50 vs CLI" is the CLI's wall time per call over the median HTTP latency: every CLI
 call pays for a Python start, its imports and a new connection (section 5), which the server
 pays once. "req/s vs calls/s" is how many requests the server answered in the time of one CLI
-call. Absolute times move with the machine's load (the CLI's `errors --limit 50` here is
-slower than in section 5, measured on a quieter machine); the ratios compare both sides under
-the same load. A page 20 cursors deep costs what the first page costs: the cursor is a keyset
+call. The HTTP latencies include waiting behind the other clients' requests (all of them in
+flight at once, on two cores shared with the clients). Absolute times move with the machine's
+load; the ratios compare both sides under the same load. A page 20 cursors deep costs what the first page costs: the cursor is a keyset
 position (created_at, id), not an OFFSET.
 """
 

@@ -412,6 +412,21 @@ def test_bounds_and_malformed_bodies(api: Any) -> None:
     assert skipped.status_code == 202 and skipped.json()["total"] == 2
 
 
+def test_readyz_says_when_the_schema_is_behind(api: Any, cli: Cli) -> None:
+    assert api.get("/readyz").json() == {"status": "ready"}
+    head = cli.scalar("SELECT version_num FROM alembic_version")
+    engine = cli.engine()
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
+        assert_error(api.get("/readyz"), 503, "run `accessctl migrate`")
+        assert api.get("/healthz").status_code == 200  # up, not ready
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE alembic_version SET version_num = '{head}'")
+        engine.dispose()
+
+
 def test_an_unexpected_failure_is_a_bare_500(api: Any) -> None:
     @api.app.get("/boom")
     def boom() -> None:
