@@ -215,7 +215,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     from dbos._error import DBOSInitializationError
 
     from accessctl import workflows
-    from accessctl.lease import Adopter, make_lease, new_executor_id
+    from accessctl.lease import Adopter, gate_dequeue_on_lease, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
 
     # Each request in flight holds one connection at a time, DBOS's pollers, listener
@@ -233,6 +233,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         lease.acquire()
         if settings.is_sqlite:
             serialize_sqlite_claims()
+        gate_dequeue_on_lease()  # before launch: DBOS starts dequeuing inside it
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
         provider = provider_config(settings)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
@@ -257,6 +258,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             workflows.WORKFLOW_VERSION,
             limited_queue=workflows.QUEUE_NAME,
             period=queue_window(settings, provider),
+            grace=lease.adoption_grace(provider.timeout if provider else None),
         )
         adopter.start()
         log.debug("runtime up", executor=executor_id, rate_limit=str(settings.rate_limit))

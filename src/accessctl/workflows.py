@@ -267,16 +267,25 @@ def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str
     by ``call_slack`` and a call is only made within ``call_slack`` of its start, so any
     window of the configured period at the provider holds at most L calls. An attempt
     that comes too late does not call: it goes back through the queue (``"late"``)."""
+    from accessctl.lease import lease_confirmed
     from accessctl.provider import call_provider
 
+    late = {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
+    if not lease_confirmed():
+        # Our executor lease is lost (a database restart, a severed connection): another
+        # process may be about to adopt this very request, so calling now could call
+        # twice. Not calling spends no provider attempt; the next try goes through the
+        # queue again (docs/operations.md, "Executors and leases").
+        return late
     provider = _runtime().provider
     assert provider is not None
     workflow_id = DBOS.workflow_id
     assert workflow_id is not None
     # Half the slack at the check leaves the other half for the call to reach the
-    # provider (a busy host can pause a thread between the check and the send).
-    if _seconds_since_start(workflow_id) > provider.call_slack / 2:
-        return {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
+    # provider (a busy host can pause a thread between the check and the send). The
+    # lease is checked again: reading the start time may have waited on the database.
+    if _seconds_since_start(workflow_id) > provider.call_slack / 2 or not lease_confirmed():
+        return late
     return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
 
 
