@@ -284,7 +284,13 @@ def call_provider_step(request_id: str, user_id: str, batch_id: str) -> dict[str
     # Half the slack at the check leaves the other half for the call to reach the
     # provider (a busy host can pause a thread between the check and the send). The
     # lease is checked again: reading the start time may have waited on the database.
-    if _seconds_since_start(workflow_id) > provider.call_slack / 2 or not lease_confirmed():
+    try:
+        since_start = _seconds_since_start(workflow_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return late  # the database is away (a restart): no telling whether it is in time
+    if since_start > provider.call_slack / 2 or not lease_confirmed():
         return late
     return call_provider(provider, request_id=request_id, user_id=user_id, batch_id=batch_id)
 
