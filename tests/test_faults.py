@@ -345,6 +345,28 @@ def test_runs_killed_repeatedly_still_finish(cli: Cli) -> None:
     assert (accesses, errors, distinct) == (40, 0, 40)
 
 
+def test_burst_worker_after_kill_9_finishes_the_dead_process_work(cli: Cli) -> None:
+    """The dead process's running work is adopted only after the grace: a burst worker
+    started right after the kill must wait for it, not exit with the batch unfinished."""
+    users = cli.add_users(2)
+    proc = cli.popen("batch", "30", *user_args(users), "--key", "burst-after-kill", "--json")
+    wait_for(lambda: request_count(cli) >= 10, what="a third of the batch")
+    proc.kill()
+    proc.wait(timeout=10)
+    orphaned = f"SELECT count(*) FROM {cli.workflow_table} WHERE status = 'PENDING'"
+    assert cli.scalar(orphaned) >= 1  # at least the batch workflow it was following
+    worker = cli.run("worker", "--burst", timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    batch_id = str(cli.scalar("SELECT id FROM batches"))
+    if len(batch_id) == 32:  # SQLite keeps UUIDs as bare hex
+        batch_id = (
+            f"{batch_id[:8]}-{batch_id[8:12]}-{batch_id[12:16]}-{batch_id[16:20]}-{batch_id[20:]}"
+        )
+    assert terminal_outcomes(cli, batch_id) == (30, 0, 30)
+    left = f"SELECT count(*) FROM {cli.workflow_table} WHERE status IN ('PENDING', 'ENQUEUED')"
+    assert cli.scalar(left) == 0
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[pgcluster.Cluster]:
     """A PostgreSQL cluster this test may restart (never the shared one)."""
