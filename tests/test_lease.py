@@ -311,3 +311,47 @@ def test_reacquire_rides_over_a_probe_holding_the_lock(pg_engine: sa.Engine) -> 
         assert lease.confirmed()
     finally:
         lease.release()
+
+
+# --- a replaced execution (its workflow adopted elsewhere) never calls -------------------
+
+
+def test_a_replaced_execution_does_not_call(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first two attempts to reach their call find another execution's token on the
+    row (as after an adoption): they do not call, and their requests are called once,
+    by their next try."""
+    import json
+    from collections import Counter
+
+    from accessctl.testing.provider import FakeProvider
+
+    real = lease_mod.execution_token
+    replaced: list[str] = []
+
+    def token(workflow_id: str) -> str | None:
+        if len(replaced) < 2:
+            replaced.append(workflow_id)
+            return "another-execution"
+        return real(workflow_id)
+
+    monkeypatch.setattr(lease_mod, "execution_token", token)
+    users = cli.add_users(2)
+    with FakeProvider() as provider:
+        result = cli(
+            "batch",
+            "6",
+            *[a for u in users for a in ("--user", u)],
+            "--json",
+            ACCESSCTL_RATE_LIMIT="none",
+            ACCESSCTL_PROVIDER_URL=provider.url,
+        )
+        calls = list(provider.calls)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["recorded"] == 6
+    assert len(replaced) == 2
+    assert Counter(c.key for c in calls) == Counter({k: 1 for k in {c.key for c in calls}})
+    assert len(calls) == 6
+    retried = cli.rows(
+        f"SELECT workflow_uuid FROM {cli.workflow_table} WHERE workflow_uuid LIKE '%.t2'"
+    )
+    assert sorted(r[0] for r in retried) == sorted(f"{w}.t2" for w in replaced)

@@ -385,6 +385,23 @@ def gate_dequeue_on_lease() -> None:
     SystemDatabase.start_queued_workflows = gated  # type: ignore[method-assign]
 
 
+def execution_token(workflow_id: str) -> str | None:
+    """The ownership token of this thread's execution of ``workflow_id``.
+
+    DBOS PRIVATE, pinned to dbos 3.4.0 (``dbos._context.current_owner_xid``): DBOS stamps a
+    fresh token (``owner_xid`` in ``workflow_status``) on a workflow's row whenever an
+    executor claims it, and recovery clears it, so an execution whose token is no longer
+    on the row has been replaced (e.g. adopted while this process had lost its lease).
+    DBOS refuses such an execution's writes; comparing tokens before a provider call keeps
+    it from calling too. There is no public accessor. Proven by tests/test_lease.py
+    (``test_a_replaced_execution_does_not_call``) and by every provider test (a wrong
+    token would make every call "late", and no batch would finish).
+    """
+    from dbos._context import current_owner_xid
+
+    return current_owner_xid(workflow_id)
+
+
 def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
     """Executor IDs that own PENDING workflows of this application version."""
     import sqlalchemy as sa
