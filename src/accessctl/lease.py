@@ -233,6 +233,17 @@ class AdvisoryLease(Lease):
         conn.close()
         return False
 
+    def _lose(self, reason: str) -> None:
+        """Our session, and every lock on it, is gone (caller holds ``_lock``): fenced from
+        now until ``keep_alive`` re-acquires the lease."""
+        self._drop()
+        self._lost_at = self._clock()
+        log.warning(
+            "executor lease lost; starting no work until it is re-acquired",
+            executor=self.executor_id,
+            reason=reason,
+        )
+
     def _drop(self) -> None:
         """Forget the lease connection (caller holds ``_lock``). Invalidated, so that the
         pool never hands a session without our lock back to anyone as if it had it."""
@@ -281,13 +292,7 @@ class AdvisoryLease(Lease):
                         return
                 except Exception as exc:
                     reason = type(exc).__name__
-                self._drop()
-                self._lost_at = self._clock()
-                log.warning(
-                    "executor lease lost; starting no work until it is re-acquired",
-                    executor=self.executor_id,
-                    reason=reason,
-                )
+                self._lose(reason)
             try:
                 got = self._lock_on_new_session()
             except Exception as exc:  # the database is still away: next round
@@ -314,8 +319,8 @@ class AdvisoryLease(Lease):
                 return True  # ours since we first saw it free: it has stayed free
             try:
                 got = self._try_lock(self._conn, other_id)
-            except Exception:
-                self._drop()  # our session is gone, and the locks it held with it
+            except Exception as exc:
+                self._lose(type(exc).__name__)  # our session, and the locks it held
                 raise
             if got:
                 self._held_others.add(other_id)
@@ -333,8 +338,8 @@ class AdvisoryLease(Lease):
                     sa.text(f"SELECT pg_advisory_unlock({self._KEY})"), {"id": other_id}
                 )
                 self._conn.commit()
-            except Exception:
-                self._drop()  # the session, and every lock on it, is gone anyway
+            except Exception as exc:
+                self._lose(type(exc).__name__)
 
     def release(self) -> None:
         self._unregister()
