@@ -3,6 +3,7 @@ gate on DBOS's dequeuing. (Real processes and a real database restart: test_faul
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -208,6 +209,21 @@ def new_lease(engine: sa.Engine, clock: Clock) -> AdvisoryLease:
     return AdvisoryLease(engine, f"test-{uuid.uuid4().hex}", clock=clock)
 
 
+def wait_until_unlocked(engine: sa.Engine, executor_id: str) -> None:
+    """A closed session's backend exits (and lets its locks go) a moment after."""
+    held = sa.text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+        "AND classid::bigint = ((hashtextextended(:id, 7) >> 32) & 4294967295) "
+        "AND objid::bigint = (hashtextextended(:id, 7) & 4294967295)"
+    )
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:
+        while conn.execute(held, {"id": executor_id}).scalar():
+            assert time.monotonic() < deadline, "the closed session kept its lock"
+            conn.commit()
+            time.sleep(0.01)
+
+
 def kill_session(engine: sa.Engine, lease: AdvisoryLease) -> None:
     """End the lease's database session, as a server restart does."""
     assert lease._conn is not None
@@ -215,6 +231,13 @@ def kill_session(engine: sa.Engine, lease: AdvisoryLease) -> None:
     lease._conn.commit()
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        # Terminating only signals the backend: its locks go when it has exited.
+        gone = sa.text("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = :p")
+        deadline = time.monotonic() + 10
+        while not conn.execute(gone, {"p": pid}).scalar():
+            assert time.monotonic() < deadline, "the terminated backend did not exit"
+            conn.commit()
+            time.sleep(0.01)
 
 
 @needs_postgres
@@ -272,6 +295,7 @@ def test_a_silently_reconnected_session_is_not_taken_for_the_lease(pg_engine: sa
     try:
         assert lease._conn is not None
         lease._conn.invalidate()  # SQLAlchemy reconnects this on its next use, lock-less
+        wait_until_unlocked(pg_engine, lease.executor_id)
         assert other.is_free(lease.executor_id)  # the server freed it with the session
         lease.keep_alive()
         assert not lease.confirmed()  # a live session is not enough: it must hold the lock
@@ -281,33 +305,34 @@ def test_a_silently_reconnected_session_is_not_taken_for_the_lease(pg_engine: sa
 
 
 @needs_postgres
-def test_reacquire_rides_over_a_probe_holding_the_lock(pg_engine: sa.Engine) -> None:
-    """An adopter's probe of a held lease takes the lock for an instant; a re-acquire
-    that meets it retries within the round."""
+def test_reacquire_rides_over_a_probe_holding_the_lock(
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adopter's probe of a lease takes the lock for an instant; a re-acquire that
+    meets it retries within the round (here the probe lets go during the first wait)."""
     clock = Clock()
     lease = new_lease(pg_engine, clock)
     lease.acquire()
+    key = {"id": lease.executor_id}
     try:
         kill_session(pg_engine, lease)
         with pg_engine.connect() as probe:
-            key = {"id": lease.executor_id}
-            assert probe.execute(
-                sa.text("SELECT pg_try_advisory_lock(hashtextextended(:id, 7))"), key
-            ).scalar()
+            lock = "SELECT pg_try_advisory_lock(hashtextextended(:id, 7))"
+            assert probe.execute(sa.text(lock), key).scalar()
             probe.commit()
-            import threading
+            waits: list[float] = []
 
-            def unlock_soon() -> None:
-                import time
+            def probe_lets_go(seconds: float) -> None:
+                waits.append(seconds)
+                if len(waits) == 1:
+                    unlock = "SELECT pg_advisory_unlock(hashtextextended(:id, 7))"
+                    probe.execute(sa.text(unlock), key)
+                    probe.commit()
 
-                time.sleep(0.03)
-                probe.execute(sa.text("SELECT pg_advisory_unlock(hashtextextended(:id, 7))"), key)
-                probe.commit()
-
-            unlocker = threading.Thread(target=unlock_soon)
-            unlocker.start()
+            monkeypatch.setattr(lease_mod.time, "sleep", probe_lets_go)
             lease.keep_alive()
-            unlocker.join()
+            monkeypatch.undo()
+        assert waits == [lease_mod.ACQUIRE_RETRY_SEC]
         assert lease.confirmed()
     finally:
         lease.release()

@@ -555,11 +555,15 @@ class Adopter:
         self._thread.start()
 
     def _keep(self) -> None:
-        while not self._stop.wait(LEASE_CHECK_SEC):
+        # The first check at once: launching DBOS since the acquire may have taken longer
+        # than the fence, and until a check confirms the lease nothing is dequeued.
+        while True:
             try:
                 self.lease.keep_alive()
             except Exception as exc:  # keep_alive handles database faults; never die here
                 log.warning("executor lease check failed", error=type(exc).__name__)
+            if self._stop.wait(LEASE_CHECK_SEC):
+                return
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
