@@ -13,14 +13,15 @@ from accessctl.runtime import Runtime
 from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
 
 
-def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
-    """Queued work anyone may take (delayed retries included: a burst worker must not
-    exit with a provider retry pending), plus work this executor is running."""
+def outstanding_work(engine: sa.Engine) -> int:
+    """Queued work anyone may take (delayed retries included: a burst worker must not exit
+    with a provider retry pending), plus work any executor is running: another's may be a
+    dead process's, which this worker adopts only after the adoption grace
+    (docs/operations.md, "Executors and leases"), so a burst worker must not leave first."""
     table = dbos_table(engine)
     stmt = sa.text(
         f"SELECT count(*) FROM {table} WHERE application_version = :v AND ("
-        "(status IN :waiting AND queue_name IN (:q1, :q2)) "
-        "OR (status = :pending AND executor_id = :me))"
+        "(status IN :waiting AND queue_name IN (:q1, :q2)) OR status = :pending)"
     ).bindparams(sa.bindparam("waiting", expanding=True))
     with engine.connect() as conn:
         return int(
@@ -30,7 +31,6 @@ def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
                     "v": WORKFLOW_VERSION,
                     "q1": QUEUE_NAME,
                     "q2": BATCH_QUEUE_NAME,
-                    "me": executor_id,
                     "waiting": sorted(WORKFLOW_WAITING),
                     "pending": WorkflowStatusString.PENDING.value,
                 },
@@ -41,15 +41,13 @@ def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
 
 def run_worker(runtime: Runtime, stop: threading.Event, *, burst: bool) -> None:
     """Block while DBOS's queue threads execute work; return on ``stop`` or, in burst
-    mode, once nothing is queued or running here (checked twice, to ride over the gap
+    mode, once nothing is queued or running anywhere (checked twice, to ride over the gap
     between a request queuing its retry and that retry's dequeue)."""
     interval = max(runtime.settings.poll_interval * 5, 0.5)
     idle_checks = 0
     while not stop.wait(interval):
         if not burst:
             continue
-        idle_checks = (
-            idle_checks + 1 if outstanding_work(runtime.engine, runtime.executor_id) == 0 else 0
-        )
+        idle_checks = idle_checks + 1 if outstanding_work(runtime.engine) == 0 else 0
         if idle_checks >= 2:
             return
