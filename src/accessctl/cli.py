@@ -23,7 +23,8 @@ import typer
 from typer.core import TyperCommand
 
 from accessctl import __version__
-from accessctl.errors import AccessctlError, ExitCode, UsageError
+from accessctl.clicore import AccessctlGroup, report_error
+from accessctl.errors import AccessctlError, ExitCode, Interrupted, UsageError
 from accessctl.settings import Settings, resolve_settings
 
 EXIT_CODES_HELP = (
@@ -36,6 +37,7 @@ EXIT_CODES_HELP = (
 
 app = typer.Typer(
     name="accessctl",
+    cls=AccessctlGroup,
     help="File user access requests in bulk through durable, globally rate-limited DBOS "
     "workflows.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
@@ -57,9 +59,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    """One line on stderr; the caller raises the returned Exit."""
-    sys.stderr.write(f"accessctl: error: {message}\n")
-    sys.stderr.flush()
+    """One line on stderr (and, if the command was asked for JSON, a JSON error object on
+    stdout); the caller raises the returned Exit."""
+    report_error(message, code)
     return typer.Exit(code)
 
 
@@ -70,6 +72,12 @@ def handles_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except Interrupted as exc:
+            # A stop the operator asked for is not an error: one log line, its exit code.
+            import structlog
+
+            structlog.get_logger("accessctl").info(exc.message, exit_code=int(exc.exit_code))
+            raise typer.Exit(int(exc.exit_code)) from None
         except AccessctlError as exc:
             raise fail(exc.message, int(exc.exit_code)) from None
         except (typer.Exit, typer.Abort, click.ClickException):
@@ -122,6 +130,7 @@ def main_callback(
         str | None,
         typer.Option(
             "--database-url",
+            metavar="URL",
             help="Database URL (sqlite:///PATH or postgresql+psycopg://...). "
             "[env: ACCESSCTL_DATABASE_URL]",
             show_default=False,
@@ -147,15 +156,21 @@ def main_callback(
     ] = None,
     log_format: Annotated[
         str | None,
-        typer.Option(help="json or console (default: json unless stderr is a terminal)."),
+        typer.Option(
+            metavar="json|console",
+            help="Log lines on stderr as JSON or for people (default: JSON unless stderr is "
+            "a terminal). [env: ACCESSCTL_LOG_FORMAT]",
+        ),
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="dbos-config.yaml to read. [env: ACCESSCTL_CONFIG]"),
+        typer.Option(
+            "--config", metavar="PATH", help="dbos-config.yaml to read. [env: ACCESSCTL_CONFIG]"
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     no_color: Annotated[
-        bool, typer.Option("--no-color", help="No colour in tables (NO_COLOR is honoured too).")
+        bool, typer.Option("--no-color", help="No colour in tables. [env: NO_COLOR]")
     ] = False,
     version: Annotated[
         bool | None,
@@ -306,6 +321,7 @@ KeyOption = Annotated[
     str | None,
     typer.Option(
         "--key",
+        metavar="KEY",
         help="Idempotency key naming the batch (e.g. nightly-2026-11-28): the same key "
         "files one batch, however often or concurrently it runs.",
     ),
@@ -316,7 +332,12 @@ DetachOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 OutputOption = Annotated[
     str | None,
-    typer.Option("--output", "-o", help="table, json, jsonl or ids (one ID a line)."),
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FORMAT",
+        help="table, wide (every column, nothing cut), json, jsonl or ids (one ID a line).",
+    ),
 ]
 
 
@@ -351,7 +372,12 @@ def _output(output: str | None, as_json: bool) -> str:
 
 FileOption = Annotated[
     str | None,
-    typer.Option("--file", "-f", help="Read user IDs from PATH, one per line ('-': stdin)."),
+    typer.Option(
+        "--file",
+        "-f",
+        metavar="PATH",
+        help="Read user IDs from PATH, one per line ('-': stdin).",
+    ),
 ]
 SkipInvalidOption = Annotated[
     bool,
@@ -368,7 +394,11 @@ def submit(
     ctx: typer.Context,
     user_ids: Annotated[
         list[str] | None,
-        typer.Argument(help="User IDs (UUIDs); '-' reads stdin. Default: the configured IDs."),
+        typer.Argument(
+            metavar="USER_ID...",
+            help="User IDs (UUIDs); '-' reads stdin. Default: the configured IDs "
+            "(ACCESSCTL_DEFAULT_USERS).",
+        ),
     ] = None,
     file: FileOption = None,
     key: KeyOption = None,
@@ -434,7 +464,7 @@ def batch(
     count: Annotated[str, typer.Argument(metavar="N", help="Number of requests to file.")],
     users: Annotated[
         list[str] | None,
-        typer.Option("--user", "-u", help="User ID to cycle over (repeatable)."),
+        typer.Option("--user", "-u", metavar="USER_ID", help="User ID to cycle over (repeatable)."),
     ] = None,
     file: FileOption = None,
     key: KeyOption = None,
@@ -450,7 +480,14 @@ def batch(
     args = list(users or [])
     if not args and file is None:
         args = list(settings.default_users)
-    parsed = collect_user_ids(args, file, sys.stdin, skip_invalid=False)
+    try:
+        parsed = collect_user_ids(args, file, sys.stdin, skip_invalid=False)
+    except UsageError as exc:
+        # `batch` has no --skip-invalid: point at what it does have.
+        message = exc.message.split(" (use --skip-invalid", 1)[0]
+        if message != exc.message:
+            message += " (batch files only valid IDs; `submit --skip-invalid` records bad ones)"
+        raise UsageError(message) from None
     if not parsed.user_ids:
         raise UsageError("no user IDs to cycle over")
     cycled = [parsed.user_ids[i % len(parsed.user_ids)] for i in range(n)]
@@ -464,11 +501,15 @@ def batch(
 @handles_errors
 def errors(
     ctx: typer.Context,
-    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch ID.")] = None,
-    since: Annotated[
-        str | None, typer.Option(help="Only newer than a duration (30m, 2h, 7d) or ISO time.")
+    batch: Annotated[
+        str | None,
+        typer.Option("--batch", metavar="BATCH_ID", help="Only this batch (ID or unique prefix)."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 50,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="WHEN", help="Only newer than a duration (30m, 2h, 7d) or ISO time."),
+    ] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 50,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -490,7 +531,10 @@ def errors(
 def status(
     ctx: typer.Context,
     batch_id: Annotated[
-        str | None, typer.Argument(help="Batch ID (default: the newest batch).")
+        str | None,
+        typer.Argument(
+            metavar="BATCH_ID", help="Batch ID or unique prefix (default: the newest batch)."
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -528,7 +572,7 @@ def config(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @handles_errors
 def batches(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 20,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 20,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -555,40 +599,43 @@ def batches(
 @handles_errors
 def retry(
     ctx: typer.Context,
-    batch_id: Annotated[str, typer.Argument(help="The batch whose failed requests to re-file.")],
+    batch_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="BATCH_ID",
+            help="The batch whose failed requests to re-file (ID or unique prefix).",
+        ),
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be retried; file nothing.")
     ] = False,
     key: KeyOption = None,
     detach: DetachOption = False,
     as_json: JsonOption = False,
+    output: OutputOption = None,
 ) -> None:
     """File a new batch from a batch's failed requests, linked to it. Running it twice
-    files one retry batch (its key defaults to retry-of-BATCH_ID)."""
+    files one retry batch (its key defaults to retry-of-BATCH_ID). A batch with nothing to
+    retry is a usage error (exit 2), with or without --dry-run."""
+    from accessctl.idprefix import resolve_with
     from accessctl.inputs import parse_key
-    from accessctl.queries import failed_requests, parse_uuid
-    from accessctl.render import emit, print_table
+    from accessctl.models import Batch
+    from accessctl.queries import failed_requests, nothing_to_retry
+    from accessctl.render import emit, print_retry_plan
     from accessctl.runtime import database
 
     settings = _settings(ctx)
-    source = str(parse_uuid(batch_id, "batch ID"))
-    key = parse_key(key) or f"retry-of-{source}"
+    fmt = _output(output, as_json)
+    key = parse_key(key)
     with database(settings) as engine:
+        source = str(resolve_with(engine, Batch.id, batch_id, "batch ID"))
         failed = failed_requests(engine, source)
+        if not failed:
+            raise UsageError(nothing_to_retry(engine, source))
+    key = key or f"retry-of-{source}"
     if dry_run:
-        emit(
-            failed,
-            "json" if as_json else "table",
-            id_field="user_id",
-            table=lambda rows: print_table(
-                f"{len(rows)} request(s) would be retried",
-                ["user", "error class", "error"],
-                [(r["user_id"], r["error_class"], r["error_id"]) for r in rows],
-            ),
-        )
+        emit(failed, fmt, id_field="user_id", table=print_retry_plan)
         return
-    if not failed:
-        raise UsageError(f"batch {source} has no failed requests to retry")
     _file(
         settings,
         [r["user_id"] for r in failed],
@@ -607,7 +654,10 @@ def retry(
 def prune(
     ctx: typer.Context,
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Age to keep, e.g. 30d, 12h, or an ISO date.")
+        str,
+        typer.Option(
+            "--older-than", metavar="AGE", help="Age to keep, e.g. 30d, 12h, or an ISO date."
+        ),
     ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count what would be removed; remove nothing.")
@@ -634,19 +684,22 @@ def prune(
 @handles_errors
 def cancel(
     ctx: typer.Context,
-    batch_id: Annotated[str, typer.Argument(metavar="BATCH_ID", help="The batch to stop.")],
+    batch_id: Annotated[
+        str, typer.Argument(metavar="BATCH_ID", help="The batch to stop (ID or unique prefix).")
+    ],
     as_json: JsonOption = False,
 ) -> None:
     """Stop a batch: none of its requests starts any more, the ones in flight finish, and
     each one that never started is recorded as Cancelled (so `retry` can file it again)."""
     from accessctl.cancel import cancel_batch
-    from accessctl.queries import parse_uuid
+    from accessctl.idprefix import resolve_with
+    from accessctl.models import Batch
     from accessctl.render import print_json, print_mapping
     from accessctl.runtime import database, filing_client
 
     settings = _settings(ctx)
-    source = str(parse_uuid(batch_id, "batch ID"))
     with database(settings) as engine:
+        source = str(resolve_with(engine, Batch.id, batch_id, "batch ID"))
         client = filing_client(settings, engine)
         try:
             result = cancel_batch(client, engine, source)
@@ -821,9 +874,11 @@ def limit_set(
 @handles_errors
 def users_add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Option(help="Display name.")],
-    email: Annotated[str, typer.Option(help="Email address (unique).")],
-    user_id: Annotated[str | None, typer.Option("--id", help="Use this UUID.")] = None,
+    name: Annotated[str, typer.Option(metavar="NAME", help="Display name.")],
+    email: Annotated[str, typer.Option(metavar="EMAIL", help="Email address (unique).")],
+    user_id: Annotated[
+        str | None, typer.Option("--id", metavar="UUID", help="Use this UUID.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Add one user and print its ID."""
@@ -867,7 +922,7 @@ def users_import(
 @handles_errors
 def users_list(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 100,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -886,10 +941,14 @@ def users_list(
 def accesses_list(
     ctx: typer.Context,
     status: Annotated[
-        str | None, typer.Option(help="requested, approved, rejected or canceled.")
+        str | None,
+        typer.Option(metavar="STATUS", help="requested, approved, rejected or canceled."),
     ] = None,
-    user: Annotated[str | None, typer.Option("--user", help="Only this user ID.")] = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", metavar="USER_ID", help="Only this user (ID or unique prefix)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 100,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -916,7 +975,10 @@ def _transition(ctx: typer.Context, access_ids: list[str], target: str) -> None:
     typer.echo(f"{changed} access(es) now {target}")
 
 
-AccessIds = Annotated[list[str], typer.Argument(metavar="ACCESS_ID...", help="Access IDs.")]
+AccessIds = Annotated[
+    list[str],
+    typer.Argument(metavar="ACCESS_ID...", help="Access IDs, or unique prefixes of them."),
+]
 
 
 @accesses_app.command("approve", epilog="Example: accessctl accesses approve 6f1e...")
