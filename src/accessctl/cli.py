@@ -261,6 +261,8 @@ def _file(
     as_json: bool,
     retry_of: str | None = None,
     idempotency_keys: list[str | None] | None = None,
+    metrics_file: str | None = None,
+    job: str = "submit",
 ) -> None:
     from accessctl.batches import BatchRequest, enqueue_detached, run_attached
     from accessctl.render import print_json, print_summary
@@ -284,11 +286,16 @@ def _file(
             typer.echo(batch_id)
         return
 
+    import time
+
     import structlog
 
+    from accessctl.metrics import resolve_metrics_path, run_metrics
     from accessctl.progress import ProgressReporter
     from accessctl.runtime import executing_runtime
 
+    metrics_path = resolve_metrics_path(metrics_file, settings.metrics_file)
+    started = time.monotonic()
     structlog.contextvars.bind_contextvars(batch_id=request.batch_id)
     try:
         with (
@@ -296,16 +303,38 @@ def _file(
             executing_runtime(settings) as runtime,
             ProgressReporter(runtime.settings.rate_limit) as reporter,
         ):
-            summary = run_attached(
-                request,
-                settings,
-                runtime.engine,
-                runtime.client,
-                poll_interval=runtime.settings.poll_interval,
-                stop=stop,
-                stop_reason=reason,
-                on_progress=reporter.update,
-            )
+            try:
+                summary = run_attached(
+                    request,
+                    settings,
+                    runtime.engine,
+                    runtime.client,
+                    poll_interval=runtime.settings.poll_interval,
+                    stop=stop,
+                    stop_reason=reason,
+                    on_progress=reporter.update,
+                )
+            except AccessctlError as exc:
+                if metrics_path is not None:  # a cron run that failed is what alerts are for
+                    run_metrics(
+                        metrics_path,
+                        runtime.engine,
+                        job=job,
+                        summary=None,
+                        exit_code=int(exc.exit_code),
+                        duration=time.monotonic() - started,
+                    )
+                raise
+            if metrics_path is not None:
+                clean = not summary["failed"] and summary.get("state") in ("done", "cancelled")
+                run_metrics(
+                    metrics_path,
+                    runtime.engine,
+                    job=job,
+                    summary=summary,
+                    exit_code=0 if clean else int(ExitCode.SOME_FAILED),
+                    duration=time.monotonic() - started,
+                )
     finally:
         structlog.contextvars.unbind_contextvars("batch_id")
     structlog.get_logger("accessctl").info("batch finished", **summary)
@@ -330,6 +359,15 @@ DetachOption = Annotated[
     bool, typer.Option("--detach", help="Enqueue and exit, printing the batch ID.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-file",
+        metavar="PATH",
+        help="Write Prometheus metrics to PATH at the end (node_exporter textfile "
+        "collector; written atomically). [env: ACCESSCTL_METRICS_FILE]",
+    ),
+]
 OutputOption = Annotated[
     str | None,
     typer.Option(
@@ -405,6 +443,7 @@ def submit(
     skip_invalid: SkipInvalidOption = False,
     detach: DetachOption = False,
     as_json: JsonOption = False,
+    metrics_file: MetricsOption = None,
 ) -> None:
     """File one batch: an access request for each given user.
 
@@ -425,7 +464,15 @@ def submit(
             f"{len(parsed.user_ids)} requests exceed the maximum batch of {settings.max_batch} "
             "(ACCESSCTL_MAX_BATCH)"
         )
-    _file(settings, parsed.user_ids, parsed.invalid, key, detach=detach, as_json=as_json)
+    _file(
+        settings,
+        parsed.user_ids,
+        parsed.invalid,
+        key,
+        detach=detach,
+        as_json=as_json,
+        metrics_file=metrics_file,
+    )
 
 
 _NEGATIVE_NUMBER = re.compile(r"-\d[\d.,_]*(?:[eE][+-]?\d+)?")
@@ -470,6 +517,7 @@ def batch(
     key: KeyOption = None,
     detach: DetachOption = False,
     as_json: JsonOption = False,
+    metrics_file: MetricsOption = None,
 ) -> None:
     """File one batch of N requests, cycling over the default IDs (or --user / --file)."""
     from accessctl.inputs import collect_user_ids, parse_count, parse_key
@@ -491,7 +539,16 @@ def batch(
     if not parsed.user_ids:
         raise UsageError("no user IDs to cycle over")
     cycled = [parsed.user_ids[i % len(parsed.user_ids)] for i in range(n)]
-    _file(settings, cycled, [], key, detach=detach, as_json=as_json)
+    _file(
+        settings,
+        cycled,
+        [],
+        key,
+        detach=detach,
+        as_json=as_json,
+        metrics_file=metrics_file,
+        job="batch",
+    )
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -613,6 +670,7 @@ def retry(
     detach: DetachOption = False,
     as_json: JsonOption = False,
     output: OutputOption = None,
+    metrics_file: MetricsOption = None,
 ) -> None:
     """File a new batch from a batch's failed requests, linked to it. Running it twice
     files one retry batch (its key defaults to retry-of-BATCH_ID). A batch with nothing to
@@ -646,6 +704,8 @@ def retry(
         retry_of=source,
         # A request the provider may have filed is re-sent under its original key.
         idempotency_keys=[r["idempotency_key"] for r in failed],
+        metrics_file=metrics_file,
+        job="retry",
     )
 
 
@@ -762,20 +822,42 @@ def worker(
     burst: Annotated[
         bool, typer.Option("--burst", help="Exit once the queue is empty (for cron).")
     ] = False,
+    metrics_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-file",
+            metavar="PATH",
+            help="Rewrite Prometheus metrics at PATH every 15 s and when stopping "
+            "(node_exporter textfile collector). [env: ACCESSCTL_METRICS_FILE]",
+        ),
+    ] = None,
 ) -> None:
     """Drain the queue until stopped: the scale-out unit. Any number of workers on any
-    number of hosts share one Postgres and one global rate limit."""
+    number of hosts share one Postgres and one global rate limit.
+
+    Logs each batch it takes up, its progress every 10 s, its end with counts, and a
+    summary when it stops. SIGINT/SIGTERM stop it (exit 130/143) after in-flight requests
+    finish; queued work stays for other workers."""
     import structlog
 
     from accessctl.errors import Interrupted
+    from accessctl.metrics import resolve_metrics_path
     from accessctl.runtime import executing_runtime
-    from accessctl.worker import run_worker
+    from accessctl.worker import WorkerReport, run_worker
 
     settings = _settings(ctx)
+    metrics_path = resolve_metrics_path(metrics_file, settings.metrics_file)
     with _signals() as (stop, reason), executing_runtime(settings) as runtime:
-        structlog.get_logger("accessctl").info("worker started", executor=runtime.executor_id)
-        run_worker(runtime, stop, burst=burst)
+        structlog.get_logger("accessctl").info(
+            "worker started", executor=runtime.executor_id, burst=burst
+        )
+        report = WorkerReport(runtime, metrics_file=metrics_path)
+        try:
+            run_worker(runtime, stop, burst=burst, on_poll=report.poll)
+        finally:
+            report.close(stopped=stop.is_set())
     if stop.is_set():
+        # Asked for, so not an error: handles_errors logs it as info and exits 130/143.
         raise Interrupted("worker stopped; queued work stays for other workers", reason())
 
 
