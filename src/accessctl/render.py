@@ -10,6 +10,7 @@ so); ``-o wide`` shows every column in full, however long the lines get.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ _GAP = 3
 _MIN_TEXT = 12
 
 Kind = Literal["id", "time", "short", "text"]
+_TRAILING = re.compile(r"\s+((?:\x1b\[[0-9;]*m)*)$")
 
 
 def set_color(enabled: bool) -> None:
@@ -213,7 +215,8 @@ def _print_trimmed(console: Console, renderable: Any, width: int) -> None:
     )
     sized.print(renderable)
     output = sized.file.getvalue()  # type: ignore[attr-defined]
-    text = "\n".join(line.rstrip() for line in output.split("\n"))
+    # With colour, the padding sits before the closing escape codes: strip it there too.
+    text = "\n".join(_TRAILING.sub(r"\1", line) for line in output.split("\n"))
     console.file.write(text)
     console.file.flush()
 
