@@ -426,7 +426,9 @@ SkipInvalidOption = Annotated[
 ]
 
 
-@app.command(epilog="Example: accessctl submit 3f0c...-... --key nightly-2026-11-28")
+@app.command(
+    epilog="Example: accessctl submit 3f0c9a52-6f1e-4a53-9d0a-1c2b3d4e5f60 --key nightly-2026-11-28"
+)
 @handles_errors
 def submit(
     ctx: typer.Context,
@@ -504,7 +506,10 @@ class _CountCommand(TyperCommand):
         return super().parse_args(ctx, args)
 
 
-@app.command(cls=_CountCommand, epilog="Example: accessctl batch 40 --user 3f0c...-... --json")
+@app.command(
+    cls=_CountCommand,
+    epilog="Example: accessctl batch 40 --user 3f0c9a52-6f1e-4a53-9d0a-1c2b3d4e5f60 --json",
+)
 @handles_errors
 def batch(
     ctx: typer.Context,
@@ -583,7 +588,7 @@ def errors(
     )
 
 
-@app.command(epilog="Example: accessctl status --json")
+@app.command(epilog="Example: accessctl status a07ff062 --json   # a unique prefix is enough")
 @handles_errors
 def status(
     ctx: typer.Context,
@@ -652,7 +657,7 @@ def batches(
     )
 
 
-@app.command(epilog="Example: accessctl retry 5769fa06-... --dry-run")
+@app.command(epilog="Example: accessctl retry 5769fa06 --dry-run")
 @handles_errors
 def retry(
     ctx: typer.Context,
@@ -740,7 +745,7 @@ def prune(
         print_mapping("would remove" if dry_run else "removed", removed)
 
 
-@app.command(epilog="Example: accessctl cancel 5769fa06-4bd0-4c59-9f0a-0c7e8e8d2b11")
+@app.command(epilog="Example: accessctl cancel 5769fa06")
 @handles_errors
 def cancel(
     ctx: typer.Context,
@@ -815,7 +820,9 @@ def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
         typer.echo(f"schema at head (revision {head}); shared limit {shared.describe()}")
 
 
-@app.command(epilog="Example: accessctl worker --burst   # from cron: drain, then exit")
+@app.command(
+    epilog="Example: accessctl worker --burst --metrics-file /var/lib/node_exporter/accessctl.prom"
+)
 @handles_errors
 def worker(
     ctx: typer.Context,
@@ -1063,21 +1070,21 @@ AccessIds = Annotated[
 ]
 
 
-@accesses_app.command("approve", epilog="Example: accessctl accesses approve 6f1e...")
+@accesses_app.command("approve", epilog="Example: accessctl accesses approve 6f1e2d3c 9b2e4d6f")
 @handles_errors
 def accesses_approve(ctx: typer.Context, access_ids: AccessIds) -> None:
     """Approve requested accesses (all or none)."""
     _transition(ctx, access_ids, "approved")
 
 
-@accesses_app.command("reject", epilog="Example: accessctl accesses reject 6f1e...")
+@accesses_app.command("reject", epilog="Example: accessctl accesses reject 6f1e2d3c")
 @handles_errors
 def accesses_reject(ctx: typer.Context, access_ids: AccessIds) -> None:
     """Reject requested accesses (all or none)."""
     _transition(ctx, access_ids, "rejected")
 
 
-@accesses_app.command("cancel", epilog="Example: accessctl accesses cancel 6f1e...")
+@accesses_app.command("cancel", epilog="Example: accessctl accesses cancel 6f1e2d3c")
 @handles_errors
 def accesses_cancel(ctx: typer.Context, access_ids: AccessIds) -> None:
     """Cancel requested or approved accesses (all or none)."""
