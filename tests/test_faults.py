@@ -225,9 +225,12 @@ def test_signal_mid_batch_exits_then_rerun_completes(cli: Cli, signum: int, code
     proc = cli.popen(*args, ACCESSCTL_SHUTDOWN_GRACE="2")
     wait_for(lambda: request_count(cli) >= 5, what="some requests")
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "resumes" in err
+    # A stop that was asked for is an info line, not an error; --json still gets a document.
+    assert "accessctl: error" not in err, err
+    assert json.loads(out)["exit_code"] == code
     done_at_signal = request_count(cli)
     assert done_at_signal < 25
     rerun = cli.run(*args)

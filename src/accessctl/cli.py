@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperCommand
 
 from accessctl import __version__
-from accessctl.clicore import AccessctlGroup, report_error
+from accessctl.clicore import AccessctlGroup, json_requested, print_json_error, report_error
 from accessctl.errors import AccessctlError, ExitCode, Interrupted, UsageError
 from accessctl.settings import Settings, resolve_settings
 
@@ -77,6 +77,8 @@ def handles_errors(func: F) -> F:
             import structlog
 
             structlog.get_logger("accessctl").info(exc.message, exit_code=int(exc.exit_code))
+            if json_requested():  # a script parsing stdout still gets one document
+                print_json_error(exc.message, int(exc.exit_code))
             raise typer.Exit(int(exc.exit_code)) from None
         except AccessctlError as exc:
             raise fail(exc.message, int(exc.exit_code)) from None

@@ -66,8 +66,12 @@ def report_error(message: str, code: int, *, as_json: bool | None = None) -> Non
     sys.stderr.write(f"{PROG}: error: {line}\n")
     sys.stderr.flush()
     if json_requested() if as_json is None else as_json:
-        sys.stdout.write(json.dumps({"error": line, "exit_code": code}, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        print_json_error(line, code)
+
+
+def print_json_error(message: str, code: int) -> None:
+    sys.stdout.write(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def describe_click_error(exc: click_exceptions.ClickException) -> str:

@@ -270,7 +270,9 @@ def nothing_to_retry(engine: sa.Engine, batch_id: str) -> str:
     at all, or only refused input lines, which name no user to file for."""
     with engine.connect() as conn:
         failures = conn.scalar(
-            sa.select(sa.func.count()).select_from(Error).where(Error.batch_id == uuid.UUID(batch_id))
+            sa.select(sa.func.count())
+            .select_from(Error)
+            .where(Error.batch_id == uuid.UUID(batch_id))
         )
     if not failures:
         return f"batch {batch_id} has no failed requests to retry"
