@@ -288,55 +288,32 @@ def _file(
             typer.echo(batch_id)
         return
 
-    import time
-
     import structlog
 
-    from accessctl.metrics import resolve_metrics_path, run_metrics
+    from accessctl.metrics import recording_run, resolve_metrics_path
     from accessctl.progress import ProgressReporter
     from accessctl.runtime import executing_runtime
 
     metrics_path = resolve_metrics_path(metrics_file, settings.metrics_file)
-    started = time.monotonic()
     structlog.contextvars.bind_contextvars(batch_id=request.batch_id)
     try:
         with (
             _signals() as (stop, reason),
             executing_runtime(settings) as runtime,
             ProgressReporter(runtime.settings.rate_limit) as reporter,
+            recording_run(metrics_path, runtime.engine, job=job) as record,
         ):
-            try:
-                summary = run_attached(
-                    request,
-                    settings,
-                    runtime.engine,
-                    runtime.client,
-                    poll_interval=runtime.settings.poll_interval,
-                    stop=stop,
-                    stop_reason=reason,
-                    on_progress=reporter.update,
-                )
-            except AccessctlError as exc:
-                if metrics_path is not None:  # a cron run that failed is what alerts are for
-                    run_metrics(
-                        metrics_path,
-                        runtime.engine,
-                        job=job,
-                        summary=None,
-                        exit_code=int(exc.exit_code),
-                        duration=time.monotonic() - started,
-                    )
-                raise
-            if metrics_path is not None:
-                clean = not summary["failed"] and summary.get("state") in ("done", "cancelled")
-                run_metrics(
-                    metrics_path,
-                    runtime.engine,
-                    job=job,
-                    summary=summary,
-                    exit_code=0 if clean else int(ExitCode.SOME_FAILED),
-                    duration=time.monotonic() - started,
-                )
+            summary = run_attached(
+                request,
+                settings,
+                runtime.engine,
+                runtime.client,
+                poll_interval=runtime.settings.poll_interval,
+                stop=stop,
+                stop_reason=reason,
+                on_progress=reporter.update,
+            )
+            record(summary)
     finally:
         structlog.contextvars.unbind_contextvars("batch_id")
     structlog.get_logger("accessctl").info("batch finished", **summary)

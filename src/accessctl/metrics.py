@@ -14,7 +14,8 @@ alert watches. A job that never succeeded reports 0, so the alert fires for it t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
-from accessctl.errors import ConfigError
+from accessctl.errors import AccessctlError, ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -174,3 +175,38 @@ def run_metrics(
         duration=duration,
         queue=depth,
     )
+
+
+@contextmanager
+def recording_run(
+    path: Path | None, engine: sa.Engine, *, job: str
+) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+    """Around an attached run: hands out ``record(summary)``; when the run ends, writes
+    its metrics to ``path`` (if any), with the exit code its summary or its error gives."""
+    started = time.monotonic()
+    recorded: list[Mapping[str, Any]] = []
+    try:
+        yield recorded.append
+    except AccessctlError as exc:  # interrupted, refused, database gone: alerts need it
+        if path is not None:
+            run_metrics(
+                path,
+                engine,
+                job=job,
+                summary=None,
+                exit_code=int(exc.exit_code),
+                duration=time.monotonic() - started,
+            )
+        raise
+    if path is not None and recorded:
+        summary = recorded[-1]
+        # The same rule as the exit code of an attached run (cli._file).
+        clean = not summary["failed"] and summary.get("state") in ("done", "cancelled")
+        run_metrics(
+            path,
+            engine,
+            job=job,
+            summary=summary,
+            exit_code=0 if clean else 1,
+            duration=time.monotonic() - started,
+        )
