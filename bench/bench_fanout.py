@@ -416,20 +416,25 @@ def atomicity_run(kind: str, n: int, tag: str, expected_tx_s: float) -> dict[str
 
 
 def insert_probe(kind: str, n: int, tag: str, rounds: int = 2) -> dict[str, Any]:
-    """The same N request rows (statuses built by ``filing._status``, as ``file_batch``
-    builds them) written two ways, alternately, on one fresh database: DBOS 3.4's own bulk
-    enqueue (``SystemDatabase.init_workflows``: multi-row ``INSERT ... VALUES`` in chunks of
-    500, in its own transaction) and ``filing._insert_workflows`` (one statement,
-    ``executemany``, inside a transaction of ours)."""
+    """The same N request rows written three ways, alternately, on one fresh database:
+    DBOS's public ``enqueue_in_transaction`` (one call per workflow, what filing uses up to
+    ``filing.BULK_THRESHOLD``), DBOS 3.4's own bulk enqueue (``SystemDatabase.init_workflows``:
+    multi-row ``INSERT ... VALUES`` in chunks of 500, in its own transaction) and
+    ``dbos_compat.bulk_enqueue`` (one statement, ``executemany``, inside a transaction of
+    ours; statuses built by ``dbos_compat.build_enqueue_status``)."""
     from dbos import DBOSClient
 
     from accessctl.db import make_engine
-    from accessctl.filing import _insert_workflows, _status
+    from accessctl.dbos_compat import build_enqueue_status, bulk_enqueue
     from accessctl.settings import APP_NAME
-    from accessctl.workflows import QUEUE_NAME, request_workflow_id
+    from accessctl.workflows import QUEUE_NAME, WORKFLOW_VERSION, request_workflow_id
 
     retry = {"max_attempts": 1.0, "deadline": 0.0}
-    times: dict[str, list[float]] = {"dbos_init_workflows": [], "accessctl_executemany": []}
+    times: dict[str, list[float]] = {
+        "dbos_enqueue_in_transaction": [],
+        "dbos_init_workflows": [],
+        "accessctl_executemany": [],
+    }
     build: list[float] = []
     with backend(kind, tag) as b:
         engine = make_engine(b.url)
@@ -445,11 +450,12 @@ def insert_probe(kind: str, n: int, tag: str, rounds: int = 2) -> dict[str, Any]
                     bid = str(uuid.uuid4())
                     t0 = time.perf_counter()
                     statuses = [
-                        _status(
+                        build_enqueue_status(
                             client,
                             QUEUE_NAME,
                             "accessctl.file_request",
                             request_workflow_id(bid, i),
+                            WORKFLOW_VERSION,
                             bid,
                             SEED_USERS[i % len(SEED_USERS)],
                             None,
@@ -459,16 +465,34 @@ def insert_probe(kind: str, n: int, tag: str, rounds: int = 2) -> dict[str, Any]
                         for i in range(n)
                     ]
                     t1 = time.perf_counter()
-                    if way == "dbos_init_workflows":
+                    if way == "dbos_enqueue_in_transaction":
+                        with engine.begin() as conn:
+                            for i in range(n):
+                                client.enqueue_in_transaction(
+                                    conn,
+                                    {
+                                        "queue_name": QUEUE_NAME,
+                                        "workflow_name": "accessctl.file_request",
+                                        "workflow_id": request_workflow_id(bid, i) + "e",
+                                        "app_version": WORKFLOW_VERSION,
+                                    },
+                                    bid,
+                                    SEED_USERS[i % len(SEED_USERS)],
+                                    None,
+                                    1,
+                                    retry,
+                                )
+                    elif way == "dbos_init_workflows":
                         client._sys_db.init_workflows(statuses)
                     else:
-                        with client._sys_db.engine.begin() as conn:
-                            _insert_workflows(client, conn, statuses, int(time.time() * 1000))
+                        with engine.begin() as conn:
+                            bulk_enqueue(client, conn, statuses, int(time.time() * 1000))
                     times[way].append(time.perf_counter() - t1)
                     build.append(t1 - t0)
         finally:
             client.destroy()
             engine.dispose()
+    public_s = min(times["dbos_enqueue_in_transaction"])
     dbos_s = min(times["dbos_init_workflows"])
     ours_s = min(times["accessctl_executemany"])
     out = {
@@ -476,9 +500,11 @@ def insert_probe(kind: str, n: int, tag: str, rounds: int = 2) -> dict[str, Any]
         "n": n,
         "rounds": rounds,
         "build_statuses_s": round(min(build), 3),
+        "dbos_enqueue_in_transaction_s": round(public_s, 3),
         "dbos_init_workflows_s": round(dbos_s, 3),
         "accessctl_executemany_s": round(ours_s, 3),
         "ratio": round(dbos_s / ours_s, 1) if ours_s else None,
+        "public_ratio": round(public_s / ours_s, 1) if ours_s else None,
     }
     log(f"insert probe {kind} n={n}: {out}")
     return out

@@ -250,42 +250,56 @@ def test_bad_filters_are_usage_errors(cli: Cli) -> None:
 
 # --- 2. configuration and database ----------------------------------------------------------
 
+# A URL that cannot be used as written is a malformed setting (exit 2); one that is
+# well formed but leads nowhere is the database being unreachable (exit 3).
 BAD_URLS = [
     pytest.param(
-        f"postgresql+psycopg://u:{SECRET}@127.0.0.1:notaport/db", "malformed", id="malformed"
+        f"postgresql+psycopg://u:{SECRET}@127.0.0.1:notaport/db", "malformed", 2, id="malformed"
     ),
     pytest.param(
-        f"mysql://u:{SECRET}@127.0.0.1/db", "unsupported database driver 'mysql'", id="driver"
+        f"mysql://u:{SECRET}@127.0.0.1/db", "unsupported database driver 'mysql'", 2, id="driver"
     ),
-    pytest.param(f"postgresql+asyncpg://u:{SECRET}@127.0.0.1/db", "unsupported", id="async-driver"),
-    pytest.param(f"postgresql+psycopg://u:{SECRET}@127.0.0.1:5432", "no database", id="no-db"),
-    pytest.param("sqlite://", "needs a file path", id="sqlite-memory"),
+    pytest.param(
+        f"postgresql+asyncpg://u:{SECRET}@127.0.0.1/db", "unsupported", 2, id="async-driver"
+    ),
+    pytest.param(f"postgresql+psycopg://u:{SECRET}@127.0.0.1:5432", "no database", 2, id="no-db"),
+    pytest.param("sqlite://", "needs a file path", 2, id="sqlite-memory"),
+    # Relative to whichever directory the command runs in: never the cwd (README).
+    pytest.param("sqlite:///relative.sqlite", "is relative", 2, id="sqlite-relative"),
     pytest.param(
         f"postgresql://u:{SECRET[:6]}@{SECRET[6:]}@127.0.0.1:1/db",
         "percent-encode",
+        2,
         id="unencoded-at-sign",
     ),
-    pytest.param(f"postgresql://u:{SECRET}@127.0.0.1:1/db\nx", "control characters", id="newline"),
+    pytest.param(
+        f"postgresql://u:{SECRET}@127.0.0.1:1/db\nx", "control characters", 2, id="newline"
+    ),
     pytest.param(
         f"postgresql+psycopg://u:{SECRET}@127.0.0.1:1/db",
         "cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/db",
+        3,
         id="refused",
     ),
     pytest.param(
         f"postgresql+psycopg://u:{SECRET}@127.0.0.2:5999/db",
         "cannot connect to postgresql+psycopg://u:***@127.0.0.2:5999/db",
+        3,
         id="no-server-at-loopback-address",
     ),
     pytest.param(
         f"postgresql+psycopg://u@127.0.0.1:1/db?password={SECRET}",
         "password=***",
+        3,
         id="password-in-query",
     ),
 ]
 
 
-@pytest.mark.parametrize(("url", "needle"), BAD_URLS)
-def test_unusable_database_url_is_exit_3_in_one_line_password_hidden(url: str, needle: str) -> None:
+@pytest.mark.parametrize(("url", "needle", "code"), BAD_URLS)
+def test_unusable_database_url_is_exit_2_or_3_in_one_line_password_hidden(
+    url: str, needle: str, code: int
+) -> None:
     tool = Cli(url)
     for command in (
         ["migrate"],
@@ -298,7 +312,7 @@ def test_unusable_database_url_is_exit_3_in_one_line_password_hidden(url: str, n
         started = time.monotonic()
         result = tool(*command, ACCESSCTL_CONNECT_TIMEOUT="2")
         elapsed = time.monotonic() - started
-        assert_one_line_error(result, 3, needle)
+        assert_one_line_error(result, code, needle)
         assert SECRET not in result.stdout + result.stderr
         assert SECRET[6:] not in result.stdout + result.stderr
         assert elapsed < 10, (command, elapsed)
@@ -310,7 +324,7 @@ def test_unusable_database_url_is_exit_3_in_one_line_password_hidden(url: str, n
         assert result.exit_code == 0, result.stderr
         assert "***" in json.loads(result.stdout)["database_url"]
     else:
-        assert_one_line_error(result, 3, needle)
+        assert_one_line_error(result, code, needle)
 
 
 def test_sqlite_paths_that_cannot_hold_a_database_are_exit_3(tmp_path: Path) -> None:
@@ -370,49 +384,59 @@ def test_real_server_refusals_are_exit_3(tmp_path: Path) -> None:
         admin.dispose()
 
 
+# A file that cannot be used (not YAML, the wrong shape) is configuration: exit 3. A value
+# in it that is malformed or out of bounds is a bad setting, like one typed: exit 2.
 BROKEN_CONFIGS = [
     pytest.param(
         f"system_database_url: postgresql://u:{SECRET}@127.0.0.1/db\nname: [unclosed\n",
         ["dbos-config.yaml: line 3 is not valid YAML"],
+        3,
         id="invalid-yaml",
     ),
     pytest.param(
-        "system_database_url: 5432\n", ["key 'system_database_url' must be a string"], id="url-int"
+        "system_database_url: 5432\n",
+        ["key 'system_database_url' must be a string"],
+        3,
+        id="url-int",
     ),
     pytest.param(
         "system_database_url:\n  - a\n  - b\n",
         ["key 'system_database_url' must be a string"],
+        3,
         id="url-list",
     ),
-    pytest.param("- just\n- a list\n", ["expected a mapping"], id="top-level-list"),
-    pytest.param("env: [1, 2]\n", ["key 'env' must map"], id="env-list"),
+    pytest.param("- just\n- a list\n", ["expected a mapping"], 3, id="top-level-list"),
+    pytest.param("env: [1, 2]\n", ["key 'env' must map"], 3, id="env-list"),
     pytest.param(
         "env:\n  ACCESSCTL_MAX_BATCH: lots\n",
-        ["env.ACCESSCTL_MAX_BATCH", "'lots' is not a number"],
+        ["env.ACCESSCTL_MAX_BATCH", "'lots' is not a whole number", "from 1 to 10,000,000"],
+        2,
         id="env-value",
     ),
     pytest.param(
         f"system_database_url: 'mysql://u:{SECRET}@127.0.0.1/db'\n",
         ["dbos-config.yaml system_database_url", "unsupported database driver"],
+        2,
         id="url-driver",
     ),
     pytest.param(
         "system_database_url: 'postgresql://u@127.0.0.1/'\n",
         ["dbos-config.yaml system_database_url", "names no database"],
+        2,
         id="url-no-db",
     ),
 ]
 
 
-@pytest.mark.parametrize(("text", "needles"), BROKEN_CONFIGS)
-def test_broken_dbos_config_is_exit_3_naming_the_file_and_key(
-    text: str, needles: list[str], isolated_environment: Path
+@pytest.mark.parametrize(("text", "needles", "code"), BROKEN_CONFIGS)
+def test_broken_dbos_config_is_exit_2_or_3_naming_the_file_and_key(
+    text: str, needles: list[str], code: int, isolated_environment: Path
 ) -> None:
     (isolated_environment / "dbos-config.yaml").write_text(text)
     tool = Cli("")  # no URL in the environment: the config file is read
     for command in (["errors"], ["submit"], ["config"]):
         result = tool(*command, ACCESSCTL_DATABASE_URL="")
-        line = assert_one_line_error(result, 3, *needles)
+        line = assert_one_line_error(result, code, *needles)
         assert str(isolated_environment / "dbos-config.yaml") in line
         assert SECRET not in result.stdout + result.stderr
 
@@ -422,28 +446,28 @@ def test_config_file_that_cannot_be_read_is_exit_3(tmp_path: Path) -> None:
     latin1.write_bytes(b"name: caf\xe9\n")
     tool = Cli(f"sqlite:///{tmp_path / 'x.sqlite'}")
     for path, needle in (
-        (tmp_path / "missing.yaml", "cannot read config file"),
+        (tmp_path / "missing.yaml", "cannot read (no such file)"),
         (latin1, "not UTF-8"),
     ):
         assert_one_line_error(tool("--config", str(path), "errors"), 3, str(path), needle)
         assert_one_line_error(tool("errors", ACCESSCTL_CONFIG=str(path)), 3, needle)
 
 
-def test_bad_settings_in_the_environment_are_exit_3(tmp_path: Path) -> None:
+def test_bad_settings_in_the_environment_are_exit_2_naming_the_bounds(tmp_path: Path) -> None:
     tool = Cli(f"sqlite:///{tmp_path / 'x.sqlite'}")
     for name, value, needle in (
-        ("ACCESSCTL_CONNECT_TIMEOUT", "inf", "not a finite number"),
-        ("ACCESSCTL_CONNECT_TIMEOUT", "nan", "not a finite number"),
-        ("ACCESSCTL_CONNECT_TIMEOUT", "-1", "greater than 0"),
-        ("ACCESSCTL_MAX_BATCH", "1e3", "not a number"),
-        ("ACCESSCTL_SHUTDOWN_GRACE", "inf", "not a finite number"),
+        ("ACCESSCTL_CONNECT_TIMEOUT", "inf", "not a number (from 0.1 to 300 seconds)"),
+        ("ACCESSCTL_CONNECT_TIMEOUT", "nan", "not a number"),
+        ("ACCESSCTL_CONNECT_TIMEOUT", "-1", "out of bounds (from 0.1 to 300 seconds)"),
+        ("ACCESSCTL_MAX_BATCH", "1e3", "not a whole number"),
+        ("ACCESSCTL_SHUTDOWN_GRACE", "inf", "not a number"),
         ("ACCESSCTL_RATE_LIMIT", "50 per 30", "LIMIT/SECONDS"),
         ("ACCESSCTL_RATE_LIMIT", "1/" + "9" * 400, "period"),
         ("ACCESSCTL_DEFAULT_USERS", "not-a-uuid", "not a UUID"),
         ("ACCESSCTL_LOG_FORMAT", "xml", "not 'json' or 'console'"),
     ):
         for command in (["errors"], ["batch", "3"]):
-            assert_one_line_error(tool(*command, **{name: value}), 3, name, needle)
+            assert_one_line_error(tool(*command, **{name: value}), 2, name, needle)
     assert not (tmp_path / "x.sqlite").exists()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
@@ -153,13 +153,20 @@ def test_generated_invocations_never_crash_and_never_half_file(tmp_path: Path) -
     engine = make_engine(url)
     seen: dict[int, int] = {}
 
+    # Deterministic: unseeded, all 50 examples were once usage errors and the "reaches both
+    # sides" assertion below failed. derandomize fixes the examples; the explicit ones
+    # guarantee each side whatever the generator's distribution becomes.
     @settings(
         max_examples=50,
         deadline=None,
         database=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.too_slow],
     )
     @given(invocations())
+    @example((["batch", "0", "--detach"], None))  # refused: exit 2
+    @example((["submit", "--detach", SEED[0], "-"], f"{SEED[1]}\n"))  # accepted: exit 0
+    @example((["errors", "--since", "2h", "--json"], None))  # accepted: exit 0
     def check(invocation: tuple[list[str], str | None]) -> None:
         args, stdin = invocation
         before = counts(engine)
@@ -189,8 +196,9 @@ def test_generated_invocations_never_crash_and_never_half_file(tmp_path: Path) -
     assert seen.get(int(ExitCode.OK), 0) > 0, seen
 
 
-def test_generated_config_values_are_exit_0_or_3(tmp_path: Path) -> None:
-    """Any value in any setting: accepted (0) or refused as configuration (3), never a crash."""
+def test_generated_config_values_are_exit_0_or_2(tmp_path: Path) -> None:
+    """Any value in any setting: accepted (0) or refused as a bad setting value (2, one line
+    naming it), never a crash. (Unreadable files, exit 3, are tests/test_bounded_input.py's.)"""
     runner = CliRunner()
     names = [
         "ACCESSCTL_DATABASE_URL",
@@ -200,6 +208,12 @@ def test_generated_config_values_are_exit_0_or_3(tmp_path: Path) -> None:
         "ACCESSCTL_CONNECT_TIMEOUT",
         "ACCESSCTL_DEFAULT_USERS",
         "ACCESSCTL_LOG_FORMAT",
+        "ACCESSCTL_SHUTDOWN_GRACE",
+        "ACCESSCTL_POLL_INTERVAL",
+        "ACCESSCTL_PROVIDER_URL",
+        "ACCESSCTL_PROVIDER_TIMEOUT",
+        "ACCESSCTL_PROVIDER_MAX_ATTEMPTS",
+        "ACCESSCTL_PROVIDER_DEADLINE",
     ]
     # Environment values cannot hold NUL bytes or lone surrogates: the OS refuses them.
     env_text = st.text(
@@ -209,14 +223,21 @@ def test_generated_config_values_are_exit_0_or_3(tmp_path: Path) -> None:
     value = st.one_of(
         env_text,
         st.sampled_from(
-            ["inf", "nan", "-1", "0", "1e3", "50/30", "none", "sqlite://", "mysql://x/y"]
+            ["inf", "nan", "-1", "0", "1e3", "50/30", "none", "sqlite://", "mysql://x/y", "1e308"]
         ),
     )
+    seen: set[int] = set()
 
     @settings(
-        max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        max_examples=50,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
     )
     @given(st.sampled_from(names), value)
+    @example("ACCESSCTL_CONCURRENCY", "10")  # accepted
+    @example("ACCESSCTL_POLL_INTERVAL", "1e308")  # refused
     def check(name: str, text: str) -> None:
         env: dict[str, Any] = {
             "ACCESSCTL_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.sqlite'}",
@@ -226,10 +247,12 @@ def test_generated_config_values_are_exit_0_or_3(tmp_path: Path) -> None:
         context = f"{name}={text!r}\n{result.stdout}\n{result.stderr}\n{result.exception!r}"
         assert result.exception is None or isinstance(result.exception, SystemExit), context
         assert "internal error" not in result.stderr, context
-        assert result.exit_code in (0, 3), context
-        if result.exit_code == 3:
+        assert result.exit_code in (0, 2), context
+        seen.add(result.exit_code)
+        if result.exit_code == 2:
             assert result.stderr.startswith("accessctl: error: "), context
             assert len(result.stderr.strip().splitlines()) == 1, context
 
     check()
+    assert seen == {0, 2}, seen
     assert not (tmp_path / "unused.sqlite").exists()

@@ -146,9 +146,18 @@ def test_prune_removes_finished_work_and_keeps_running_work(cli: Cli) -> None:
     kept = {f"batch-{queued}": "ENQUEUED", f"req-{queued}-0000000": "ENQUEUED"}
     assert {r[0]: r[1] for r in remaining} == kept
     prefix = "" if cli.database_url.startswith("sqlite") else "dbos."
-    from accessctl.prune import KEYED_BY_WORKFLOW
-
-    for table, column in KEYED_BY_WORKFLOW:
+    # Every DBOS 3.4 table keyed by workflow ID: nothing of a pruned workflow may survive.
+    keyed_by_workflow = (
+        ("operation_outputs", "workflow_uuid"),
+        ("workflow_events", "workflow_uuid"),
+        ("workflow_events_history", "workflow_uuid"),
+        ("streams", "workflow_uuid"),
+        ("notifications", "destination_uuid"),
+        ("workflow_input", "workflow_uuid"),
+        ("workflow_output", "workflow_uuid"),
+        ("datasource_outputs", "workflow_id"),
+    )
+    for table, column in keyed_by_workflow:
         orphans = cli.scalar(
             f"SELECT count(*) FROM {prefix}{table} WHERE {column} NOT IN (:a, :b)",
             a=f"batch-{queued}",

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from dbos import WorkflowStatusString as Status
+
 
 class BatchState(StrEnum):
     QUEUED = "queued"
@@ -37,8 +39,13 @@ STATES_HELP = (
     "follower ended with requests missing and nothing left running)."
 )
 
-# DBOS workflow statuses of a workflow that will not run again.
-WORKFLOW_ENDED = frozenset({"SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"})
+# DBOS workflow statuses of a workflow that will not run again, and of one still to run.
+WORKFLOW_ENDED = frozenset(
+    s.value
+    for s in (Status.SUCCESS, Status.ERROR, Status.CANCELLED, Status.MAX_RECOVERY_ATTEMPTS_EXCEEDED)
+)
+WORKFLOW_WAITING = frozenset(s.value for s in (Status.ENQUEUED, Status.DELAYED))
+WORKFLOW_IN_FLIGHT = WORKFLOW_WAITING | {Status.PENDING.value}
 
 
 def batch_state(
@@ -63,9 +70,9 @@ def batch_state(
         return BatchState.CANCELLED if cancelled else BatchState.DONE
     if cancelled:
         return BatchState.CANCELLING
-    if follower_status == "ENQUEUED":
+    if follower_status in WORKFLOW_WAITING:
         return BatchState.QUEUED
-    if follower_status == "PENDING":
+    if follower_status == Status.PENDING.value:
         return BatchState.RUNNING if follower_alive else BatchState.INTERRUPTED
     if follower_status is None or follower_status in WORKFLOW_ENDED:
         # Nobody follows it any more; its requests may still be finishing on their own.

@@ -88,7 +88,7 @@ def enqueue_detached(settings: Settings, engine: sa.Engine, request: BatchReques
     client = filing_client(settings, engine)
     try:
         shared_limit_for(settings, client, engine)
-        filed = file_batch(client, request, retry_policy(settings))
+        filed = file_batch(client, engine, request, retry_policy(settings))
     finally:
         client.destroy()
     log.info(
@@ -124,15 +124,14 @@ def run_attached(
     requests finish; the batch itself stays durable and resumes with the next run. The
     summary is the batch's report as ``status`` gives it (batch_state.py), so the exit
     code, ``status`` and ``batches`` agree."""
-    from dbos import DBOS
-    from dbos._error import DBOSNonExistentWorkflowError
+    from dbos import DBOS, error
 
     from accessctl.batch_state import FINAL, WORKFLOW_ENDED
     from accessctl.filing import file_batch
     from accessctl.queries import batch_status
 
     batch_id = request.batch_id
-    filed = file_batch(client, request, retry_policy(settings))
+    filed = file_batch(client, engine, request, retry_policy(settings))
     log.info(
         "batch filed" if filed else "attached to the batch already filed",
         batch_id=batch_id,
@@ -141,7 +140,7 @@ def run_attached(
     )
     try:
         handle: WorkflowHandle[Summary] | None = DBOS.retrieve_workflow(batch_workflow_id(batch_id))
-    except DBOSNonExistentWorkflowError:
+    except error.DBOSNonExistentWorkflowError:
         handle = None  # its records were pruned: it ended, and its row keeps the outcome
     interval = follow_interval(poll_interval, request.total)
     last: dict[str, Any] | None = None

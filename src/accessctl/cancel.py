@@ -32,6 +32,7 @@ PAGE = 1000
 
 def cancel_batch(client: DBOSClient, engine: sa.Engine, batch_id: str) -> dict[str, Any]:
     """Cancel ``batch_id``; returns what was done. Cancelling twice is harmless."""
+    from accessctl.batch_state import WORKFLOW_WAITING
     from accessctl.queries import batch_status
     from accessctl.workflows import (
         batch_workflow_id,
@@ -56,7 +57,7 @@ def cancel_batch(client: DBOSClient, engine: sa.Engine, batch_id: str) -> dict[s
         # Pages of queued or delayed tries (first tries and provider retries alike).
         queued = client.list_workflows(
             workflow_id_prefix=f"req-{batch_id}-",
-            status=["ENQUEUED", "DELAYED"],
+            status=sorted(WORKFLOW_WAITING),
             load_input=True,
             load_output=False,
             limit=PAGE,
@@ -103,7 +104,7 @@ def cancel_batch(client: DBOSClient, engine: sa.Engine, batch_id: str) -> dict[s
         record_outcome(engine, batch_id)
         follower = client.list_workflows(
             workflow_ids=[batch_workflow_id(batch_id)],
-            status=["ENQUEUED"],
+            status=sorted(WORKFLOW_WAITING),
             load_input=False,
             load_output=False,
         )

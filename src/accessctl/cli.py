@@ -25,12 +25,12 @@ from typer.core import TyperCommand
 from accessctl import __version__
 from accessctl.clicore import AccessctlGroup, json_requested, print_json_error, report_error
 from accessctl.errors import AccessctlError, ExitCode, Interrupted, UsageError
-from accessctl.settings import Settings, resolve_settings
+from accessctl.settings import BOUNDS, Settings, resolve_settings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all requests recorded; 1 some requests failed (see `accessctl errors`); "
-    "2 usage error, nothing filed; 3 configuration invalid, database unreachable, or an "
-    "internal error; "
+    "2 usage error (bad argument, input or setting value), nothing filed; 3 configuration "
+    "file or database unusable or unreachable, or an internal error; "
     "4 schema not migrated (run `accessctl migrate`); 130/143 interrupted by SIGINT/SIGTERM "
     "(the batch resumes with the next run or any worker)."
 )
@@ -713,11 +713,16 @@ def prune(
     from accessctl.prune import prune as run_prune
     from accessctl.queries import parse_since
     from accessctl.render import print_json, print_mapping
-    from accessctl.runtime import database
+    from accessctl.runtime import database, filing_client
 
     cutoff = parse_since(older_than, option="--older-than")
-    with database(_settings(ctx)) as engine:
-        removed = run_prune(engine, cutoff, dry_run=dry_run)
+    settings = _settings(ctx)
+    with database(settings) as engine:
+        client = filing_client(settings, engine)
+        try:
+            removed = run_prune(client, engine, cutoff, dry_run=dry_run)
+        finally:
+            client.destroy()
     if as_json:
         print_json(removed)
     else:
@@ -898,6 +903,7 @@ def limit_set(
             "--concurrency",
             metavar="N",
             min=1,
+            max=int(BOUNDS["concurrency"].high),  # the documented bound of the setting
             help="Requests in flight at most, globally. Default: keep the current value.",
         ),
     ] = None,
@@ -972,12 +978,13 @@ def users_import(
     as_json: JsonOption = False,
 ) -> None:
     """Import users from CSV or JSON lines; existing emails are skipped. All or nothing."""
+    from accessctl.files import USERS_FILE
     from accessctl.inputs import read_lines
     from accessctl.render import print_json
     from accessctl.runtime import database
     from accessctl.users import import_users
 
-    text = "\n".join(line for _, line in read_lines(path, sys.stdin, label="user file"))
+    text = "\n".join(line for _, line in read_lines(path, sys.stdin, "user file", USERS_FILE))
     with database(_settings(ctx)) as engine:
         added, skipped = import_users(engine, text)
     if as_json:
@@ -1076,7 +1083,13 @@ def main() -> None:
     Exits with ``os._exit`` once the command is done and its output flushed: DBOS's
     executor threads may still be blocked in workflows this process picked up (another
     run's batch, work cut short by a signal). Their state is durable and an executor whose
-    lease is gone gets its work adopted, so waiting for those threads would only hang."""
+    lease is gone gets its work adopted, so waiting for those threads would only hang.
+
+    The installed script enters through ``accessctl.entry.main``, which sets the start-up
+    signal handlers before this module's imports; set them here too for other callers."""
+    from accessctl.entry import install_early_handlers
+
+    install_early_handlers()
     code = 0
     try:
         app()

@@ -7,25 +7,22 @@ Why SQLite engines are special here (README, "How it stays correct"):
 
 * DBOS stamps queue starts with ``strftime('%s','now')`` on Python < 3.12 (whole seconds,
   so its limiter over-admits) and with ``unixepoch('subsec')`` on 3.12+ (which SQLite before
-  3.42 does not know: it yields NULL and DBOS cannot launch). We register both functions on
-  every connection with millisecond precision, which SQLite lets an application-defined
-  function do over a built-in of the same name and arity.
+  3.42 does not know: it yields NULL and DBOS cannot launch). Every SQLite connection gets
+  both with millisecond precision (``dbos_compat.install_sqlite_clock``).
 * pysqlite opens a transaction only at the first write, so DBOS's "count recent starts"
   read runs outside the transaction that claims the work: two processes could both count
-  49 and both start. ``runtime.serialize_sqlite_claims`` makes that one claim transaction
-  ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour (the lock at the
+  49 and both start. ``dbos_compat.serialize_sqlite_claims`` makes that one claim
+  transaction ``BEGIN IMMEDIATE``; every other transaction keeps pysqlite's behaviour (the lock at the
   first write), so reads never queue behind writers.
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
-import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from accessctl.dbos_compat import install_sqlite_clock
 from accessctl.errors import ConfigError, DatabaseUnreachable
 
 if TYPE_CHECKING:
@@ -113,6 +110,14 @@ def validate_database_url(url: str) -> None:
                 "a SQLite database URL needs a file path (sqlite:///PATH); "
                 "an in-memory database cannot be shared between runs"
             )
+        if not Path(parsed.database).is_absolute():
+            # SQLite would resolve it against whatever directory the command runs in (cron,
+            # systemd, a shell elsewhere), so each place would get a database of its own.
+            raise ConfigError(
+                f"the SQLite path {parsed.database[:200]!r} is relative, and accessctl never "
+                "uses the current directory: give an absolute path, e.g. "
+                "sqlite:////var/lib/accessctl/accessctl.sqlite (four slashes)"
+            )
         return
     if parsed.drivername not in POSTGRES_DRIVERS:
         raise ConfigError(
@@ -140,35 +145,6 @@ def sqlite_path(url: str) -> Path:
     return Path(database).expanduser()
 
 
-# --- SQLite clock functions ---------------------------------------------------------------
-
-_pristine_lock = threading.Lock()
-_pristine: sqlite3.Connection | None = None
-
-
-def _builtin(sql: str, *args: Any) -> Any:
-    """Evaluate a built-in SQLite function on a connection that has no overrides."""
-    global _pristine
-    with _pristine_lock:
-        if _pristine is None:
-            _pristine = sqlite3.connect(":memory:", check_same_thread=False)
-        return _pristine.execute(sql, args).fetchone()[0]
-
-
-def _strftime(fmt: Any, value: Any) -> Any:
-    # DBOS's millisecond clock on Python < 3.12 is strftime('%s','now') * 1000.
-    if fmt == "%s" and value == "now":
-        return f"{time.time():.3f}"
-    return _builtin("SELECT strftime(?, ?)", fmt, value)
-
-
-def _unixepoch(value: Any) -> Any:
-    # DBOS's millisecond clock on Python >= 3.12 is unixepoch('subsec') * 1000.
-    if value in ("subsec", "subsecond"):
-        return round(time.time(), 3)
-    return _builtin("SELECT unixepoch(?)", value)
-
-
 def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     # As DBOS's own SQLite engines: writers take the lock at their first write.
     dbapi_conn.isolation_level = "IMMEDIATE"
@@ -177,8 +153,7 @@ def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets readers (status, errors) run while a batch writes.
     dbapi_conn.execute("PRAGMA journal_mode=WAL")
     dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-    dbapi_conn.create_function("strftime", 2, _strftime)
-    dbapi_conn.create_function("unixepoch", 1, _unixepoch)
+    install_sqlite_clock(dbapi_conn)
 
 
 def make_engine(
@@ -198,7 +173,13 @@ def make_engine(
     if is_sqlite_url(url):
         path = sqlite_path(url)
         if create_dir:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # read-only, or XDG_DATA_HOME names a file
+                raise ConfigError(
+                    f"cannot create the data directory {path.parent} ({exc.strerror}); "
+                    "set XDG_DATA_HOME to a writable directory, or ACCESSCTL_DATABASE_URL"
+                ) from None
         elif not path.parent.is_dir():
             raise ConfigError(f"SQLite directory {path.parent} does not exist (from {url})")
         engine = sa.create_engine(url, pool_size=20, max_overflow=20, pool_timeout=60)
@@ -234,6 +215,40 @@ def check_connection(engine: sa.Engine) -> None:
         ) from None
 
 
+def check_sqlite_integrity(engine: sa.Engine) -> None:
+    """Refuse to execute or migrate on a damaged SQLite file (exit 3).
+
+    A corrupt page only fails the statements that touch it, so without this `batch`
+    exited 3 while `migrate` (and whatever missed the page) exited 0 and wrote on. ``PRAGMA
+    quick_check`` reads every page without comparing indexes to tables: about 0.15 s per
+    100 MB warm (measured on a 137 MB file), so only commands that write at scale pay it;
+    readers meet the damage, if they touch it, as ``CORRUPT_HINT``."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    if engine.dialect.name != "sqlite":
+        return  # PostgreSQL checks its own pages (checksums, WAL)
+    raw = engine.url.render_as_string(hide_password=False)
+    try:
+        with engine.connect() as conn:
+            problems = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check(3)"))]
+    except DBAPIError as exc:
+        problems = [describe_db_error(exc)]
+    if problems != ["ok"]:
+        # One line: SQLite's report spans lines ("*** in database main ***\nPage 13: ...").
+        found = [p.strip() for row in problems for p in row.splitlines()]
+        shown = "; ".join(p for p in found if p and not p.startswith("***"))
+        raise DatabaseUnreachable(
+            f"SQLite database {sqlite_path(raw)} is damaged ({shown[:200]}); " + CORRUPT_HINT
+        )
+
+
+# Appended wherever SQLite reports a damaged file, whichever command met it.
+CORRUPT_HINT = (
+    "restore it from a backup (docs/operations.md#backup-and-retention); nothing was written"
+)
+
+
 def describe_db_error(
     exc: BaseException, password: str | None = None, *, url: str | sa.URL | None = None
 ) -> str:
@@ -247,7 +262,10 @@ def describe_db_error(
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     hidden = ([password] if password else []) + (url_secrets(url) if url is not None else [])
-    return redact_text(text, hidden, limit=None)
+    text = redact_text(text, hidden, limit=None)
+    if "database disk image is malformed" in text:
+        text += f": the SQLite file is damaged; {CORRUPT_HINT.split(';')[0]}"
+    return text
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

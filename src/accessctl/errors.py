@@ -14,8 +14,8 @@ class ExitCode(IntEnum):
 
     OK = 0  # every request recorded
     SOME_FAILED = 1  # some requests failed: rows in `errors`
-    USAGE = 2  # bad arguments or input; nothing was filed
-    CONFIG = 3  # configuration invalid or database unreachable
+    USAGE = 2  # bad arguments, input or setting value (malformed, out of bounds); nothing filed
+    CONFIG = 3  # config/token file unreadable, database unreachable or damaged, internal error
     NOT_MIGRATED = 4  # schema missing or outdated: run `accessctl migrate`
     INTERRUPTED = 130  # SIGINT: in-flight work finished, the rest resumes later
     TERMINATED = 143  # SIGTERM: likewise
@@ -37,8 +37,15 @@ class UsageError(AccessctlError):
     exit_code = ExitCode.USAGE
 
 
+class SettingError(UsageError):
+    """A setting's value (flag, environment or config file ``env:``) is malformed or outside
+    its documented bounds: the operator typed it, so it is a usage error (exit 2)."""
+
+
 class ConfigError(AccessctlError):
-    """Configuration that cannot be used (bad URL, broken config file, unknown driver)."""
+    """Configuration that cannot be used: a config or token file that cannot be read, a
+    config file that is not valid YAML or has the wrong shape, a SQLite path that cannot hold
+    a database. (A malformed or out-of-bounds *value* is a ``SettingError``, exit 2.)"""
 
     exit_code = ExitCode.CONFIG
 

@@ -5,16 +5,16 @@ batch's own workflow (which follows the batch to its end) and one queued ``file_
 workflow per request. A run killed while filing leaves the whole batch or none of it, and
 the queue can admit a full window of requests the moment the transaction commits.
 
-The workflow rows are DBOS's own: statuses are built by ``DBOSClient`` exactly as for
-``enqueue`` and written as DBOS's bulk enqueue (``SystemDatabase.init_workflows``, which
-its Kafka consumer uses) writes them, inside our transaction (pinned to dbos 3.4, like the
-other two hooks in runtime.py and db.py). Rows go in chunks, so memory stays flat as
-batches grow.
+The workflows are enqueued inside our transaction: through DBOS's public
+``enqueue_in_transaction`` for a small batch, and for a large one as DBOS's own rows
+written in bulk (``dbos_compat.bulk_enqueue``), in chunks, so memory stays flat as batches
+grow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from accessctl.dbos_compat import build_enqueue_status, bulk_enqueue
 from accessctl.errors import UsageError
 from accessctl.models import Batch, Error, utcnow
 from accessctl.workflows import (
@@ -43,85 +44,44 @@ if TYPE_CHECKING:
 # Requests per INSERT round: DBOS inserts 500 rows a statement; a few statements per round
 # keep the built rows (the only thing held in memory) small.
 CHUNK = 2000
+# Up to this many workflows a batch is enqueued through DBOS's public API, one call each;
+# above it, in bulk (dbos_compat.bulk_enqueue; BENCHMARKS.md, "Filing").
+BULK_THRESHOLD = 500
 
 
-def _insert_workflows(
-    client: DBOSClient, conn: sa.Connection, statuses: list[Any], created_ms: int
+def _enqueue(
+    client: DBOSClient,
+    conn: sa.Connection,
+    jobs: list[tuple[str, str, str, tuple[Any, ...]]],
+    created_ms: int,
 ) -> None:
-    """Write ENQUEUED workflow rows (status and inputs) the way DBOS 3.4's bulk enqueue
-    (``SystemDatabase.init_workflows``) does, but in our transaction and as one compiled
-    statement executed for many rows: DBOS's multi-row VALUES statement is compiled anew
-    for every 500 rows, which made it 10-40x slower (BENCHMARKS.md). Partition keys,
-    deduplication and sharding are not used here, which is what lets the row be this
-    simple. Every row of a batch carries the same ``created_ms``: the batch was filed at
-    one moment (its requests then start in no particular order, which nothing needs)."""
-    sys_db = client._sys_db
-    tables = sys_db.tables
-    now_ms = created_ms
-    conn.execute(
-        sa.insert(tables.workflow_status),
-        [
-            {
-                "workflow_uuid": s["workflow_uuid"],
-                "status": s["status"],
-                "name": s["name"],
-                "class_name": s["class_name"],
-                "config_name": s["config_name"],
-                "executor_id": s["executor_id"],
-                "application_version": s["app_version"],
-                "application_id": s["app_id"],
-                "authenticated_user": s["authenticated_user"],
-                "authenticated_roles": s["authenticated_roles"],
-                "assumed_role": s["assumed_role"],
-                "queue_name": s["queue_name"],
-                "recovery_attempts": 0,
-                "workflow_timeout_ms": s["workflow_timeout_ms"],
-                "workflow_deadline_epoch_ms": s["workflow_deadline_epoch_ms"],
-                "deduplication_id": None,
-                "priority": s["priority"],
-                "serialization": s["serialization"],
-                "queue_partition_key": None,
-                "parent_workflow_id": None,
-                "creator_xid": None,
-                "delay_until_epoch_ms": s["delay_until_epoch_ms"],
-                "attributes": s["attributes"],
-                "schedule_name": None,
-                "application_name": s["application_name"],
-                "created_at": now_ms,
-                "updated_at": now_ms,
-            }
-            for s in statuses
-        ],
-    )
-    conn.execute(
-        sa.insert(tables.workflow_input),
-        [
-            {
-                "workflow_uuid": s["workflow_uuid"],
-                "inputs": s["inputs"],
-                "retention_timestamp": now_ms,
-            }
-            for s in statuses
-        ],
-    )
-
-
-def _status(client: DBOSClient, queue: str, workflow: str, workflow_id: str, *args: Any) -> Any:
-    _, status = client._build_enqueue_status(
-        {
-            "queue_name": queue,
-            "workflow_name": workflow,
-            "workflow_id": workflow_id,
-            "app_version": WORKFLOW_VERSION,
-        },
-        *args,
-    )
-    return status
+    """Enqueue ``(queue, workflow name, workflow ID, args)`` jobs inside ``conn``'s
+    transaction: through DBOS's public ``enqueue_in_transaction`` for a small batch, and
+    above ``BULK_THRESHOLD`` as DBOS's own rows in one executemany (dbos_compat.py: the
+    rows are the same, a test compares them column by column)."""
+    if len(jobs) <= BULK_THRESHOLD:
+        for queue, name, workflow_id, args in jobs:
+            client.enqueue_in_transaction(
+                conn,
+                {
+                    "queue_name": queue,
+                    "workflow_name": name,
+                    "workflow_id": workflow_id,
+                    "app_version": WORKFLOW_VERSION,
+                },
+                *args,
+            )
+        return
+    statuses = [
+        build_enqueue_status(client, queue, name, workflow_id, WORKFLOW_VERSION, *args)
+        for queue, name, workflow_id, args in jobs
+    ]
+    bulk_enqueue(client, conn, statuses, created_ms)
 
 
 @contextlib.contextmanager
-def _write_transaction(client: DBOSClient) -> Iterator[sa.Connection]:
-    with client._sys_db.engine.connect() as conn, conn.begin():
+def _write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    with engine.connect() as conn, conn.begin():
         if conn.dialect.name == "sqlite":
             # Take the write lock first: a read-then-write transaction on SQLite fails
             # instead of waiting when another writer got in between.
@@ -147,7 +107,9 @@ def _attach_to_existing(conn: sa.Connection, request: BatchRequest) -> bool:
     return True
 
 
-def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float]) -> bool:
+def file_batch(
+    client: DBOSClient, engine: sa.Engine, request: BatchRequest, retry: dict[str, float]
+) -> bool:
     """File ``request`` atomically; False if its batch was already filed (same key, or a
     concurrent run with the same key won the race): then there is nothing to do but follow
     it. ``retry`` is the provider retry policy, fixed into every request at filing."""
@@ -155,7 +117,7 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
     total = len(request.user_ids) + len(request.invalid)
     created_ms = int(time.time() * 1000)
     try:
-        with _write_transaction(client) as conn:
+        with _write_transaction(engine) as conn:
             if _attach_to_existing(conn, request):
                 return False
             conn.execute(
@@ -169,30 +131,19 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                 )
             )
             _insert_refused(conn, request)
-            _insert_workflows(
-                client,
-                conn,
-                [
-                    _status(
-                        client,
-                        BATCH_QUEUE_NAME,
-                        "accessctl.run_batch",
-                        batch_workflow_id(request.batch_id),
-                        request.batch_id,
-                        request.key,
-                        total,
-                    )
-                ],
-                created_ms,
+            follower = (
+                BATCH_QUEUE_NAME,
+                "accessctl.run_batch",
+                batch_workflow_id(request.batch_id),
+                (request.batch_id, request.key, total),
             )
             keys = request.idempotency_keys
-            for start in range(0, len(request.user_ids), CHUNK):
-                statuses = [
-                    _status(
-                        client,
-                        QUEUE_NAME,
-                        "accessctl.file_request",
-                        request_workflow_id(request.batch_id, index),
+            requests = (
+                (
+                    QUEUE_NAME,
+                    "accessctl.file_request",
+                    request_workflow_id(request.batch_id, index),
+                    (
                         request.batch_id,
                         user_id,
                         None,
@@ -201,16 +152,21 @@ def file_batch(client: DBOSClient, request: BatchRequest, retry: dict[str, float
                         # A retried request's original key (file_request's last parameter),
                         # only when it has one: other requests' inputs are as before.
                         *((1, 0.0, keys[index]) if keys and keys[index] else ()),
-                    )
-                    for index, user_id in enumerate(
-                        request.user_ids[start : start + CHUNK], start=start
-                    )
-                ]
-                _insert_workflows(client, conn, statuses, created_ms)
+                    ),
+                )
+                for index, user_id in enumerate(request.user_ids)
+            )
+            if total <= BULK_THRESHOLD:
+                _enqueue(client, conn, [follower, *requests], created_ms)
+            else:
+                _enqueue(client, conn, [follower], created_ms)
+                # In chunks, so the built rows (all that is held in memory) stay few.
+                while chunk := list(itertools.islice(requests, CHUNK)):
+                    _enqueue(client, conn, chunk, created_ms)
         return True
     except IntegrityError:
         # A concurrent run with the same key committed the batch first: attach to it.
-        with client._sys_db.engine.connect() as conn:
+        with engine.connect() as conn:
             if not _attach_to_existing(conn, request):
                 raise
         return False

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO, cast
 
 from accessctl.errors import UsageError
+from accessctl.files import ID_FILE, FileBounds, read_bounded
 
 MAX_LISTED = 10  # invalid entries named in the one-line error before "and N more"
 
@@ -76,27 +76,34 @@ def parse_user_ids(
     return result
 
 
-def read_lines(source: str, stdin: TextIO, label: str = "--file") -> list[tuple[int, str]]:
-    """Numbered lines of ``--file PATH`` or ``-`` (stdin); ``label`` names it in errors."""
+def stdin_bytes(stdin: TextIO) -> BinaryIO:
+    """The byte stream under ``stdin``: read in bounded chunks, decoded once (strictly)."""
+    if stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("stdin: is closed; nothing to read for '-'")
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is not None:
+        return cast(BinaryIO, buffer)
+    # A text-only stream (a test's StringIO): its characters, re-encoded, chunk by chunk.
+    return cast(BinaryIO, _EncodedText(stdin))
+
+
+class _EncodedText:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def read(self, size: int) -> bytes:
+        return self._stream.read(size).encode("utf-8", "surrogateescape")
+
+
+def read_lines(
+    source: str, stdin: TextIO, label: str = "--file", bounds: FileBounds = ID_FILE
+) -> list[tuple[int, str]]:
+    """Numbered lines of ``--file PATH`` or ``-`` (stdin); ``label`` names it in errors.
+    The read is bounded (``accessctl.files``): size, line length, regular files only."""
     if source == "-":
-        try:
-            text = stdin.read()
-        except UnicodeDecodeError:
-            raise UsageError("stdin is not UTF-8 text") from None
+        text = read_bounded("-", "stdin", bounds, stdin=stdin_bytes(stdin))
     else:
-        path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except ValueError as exc:  # an embedded NUL byte in the path
-            if isinstance(exc, UnicodeDecodeError):
-                raise UsageError(f"{label} {_shown(source)}: is not UTF-8 text") from None
-            raise UsageError(f"{label} {_shown(source)}: not a valid path ({exc})") from None
-        except FileNotFoundError:
-            raise UsageError(f"{label} {source}: no such file") from None
-        except IsADirectoryError:
-            raise UsageError(f"{label} {source}: is a directory") from None
-        except OSError as exc:
-            raise UsageError(f"{label} {source}: cannot read ({exc.strerror})") from None
+        text = read_bounded(source, label, bounds)
     return list(enumerate(text.splitlines(), start=1))
 
 
@@ -131,10 +138,15 @@ def collect_user_ids(
 def parse_count(text: str, maximum: int) -> int:
     """``batch N``: a whole number from 1 to ``maximum``."""
     stripped = text.strip()
-    if stripped.startswith("-") and stripped[1:].isdigit() and stripped[1:].isascii():
-        raise UsageError(f"N must be from 1 to {maximum} (ACCESSCTL_MAX_BATCH), got {stripped}")
-    if not stripped.isdigit() or not stripped.isascii():
+    digits = stripped[1:] if stripped.startswith("-") else stripped
+    if not digits.isdigit() or not digits.isascii():
         raise UsageError(f"N must be a whole number from 1 to {maximum}, got {_shown(text)}")
+    if len(digits.lstrip("0")) > len(str(maximum)):
+        # Out of bounds whatever it is; and int() refuses more than 4300 digits.
+        raise UsageError(
+            f"N must be from 1 to {maximum} (ACCESSCTL_MAX_BATCH), got {stripped[:12]}... "
+            f"({len(digits)} digits)"
+        )
     value = int(stripped)
     if not 1 <= value <= maximum:
         raise UsageError(f"N must be from 1 to {maximum} (ACCESSCTL_MAX_BATCH), got {value}")
@@ -142,13 +154,16 @@ def parse_count(text: str, maximum: int) -> int:
 
 
 def parse_key(key: str | None) -> str | None:
-    """An idempotency key names a batch: 1-200 printable characters."""
+    """An idempotency key names a batch: 1-200 printable characters (settings.BOUNDS)."""
+    from accessctl.settings import BOUNDS
+
     if key is None:
         return None
     if not key.strip():
         raise UsageError("--key must not be empty or blank")
-    if len(key) > 200:
-        raise UsageError(f"--key is {len(key)} characters long; the maximum is 200")
+    longest = int(BOUNDS["key"].high)
+    if len(key) > longest:
+        raise UsageError(f"--key is {len(key)} characters long; the maximum is {longest}")
     if not key.isprintable():
         raise UsageError("--key must contain printable characters only")
     return key

@@ -68,14 +68,18 @@ def error_classes(engine: sa.Engine, batch_ids: list[str]) -> dict[str, int]:
 
 def queue_depth(engine: sa.Engine) -> int:
     """Requests waiting on the rate-limited queue, on every host."""
+    from accessctl.batch_state import WORKFLOW_WAITING
     from accessctl.db import dbos_table
     from accessctl.workflows import QUEUE_NAME
 
+    # Waiting: enqueued, or delayed (a provider retry waiting out its backoff).
     stmt = sa.text(
-        f"SELECT count(*) FROM {dbos_table(engine)} WHERE status = 'ENQUEUED' AND queue_name = :q"
-    )
+        f"SELECT count(*) FROM {dbos_table(engine)} WHERE status IN :waiting AND queue_name = :q"
+    ).bindparams(sa.bindparam("waiting", expanding=True))
     with engine.connect() as conn:
-        return int(conn.execute(stmt, {"q": QUEUE_NAME}).scalar() or 0)
+        return int(
+            conn.execute(stmt, {"q": QUEUE_NAME, "waiting": sorted(WORKFLOW_WAITING)}).scalar() or 0
+        )
 
 
 def write_metrics(

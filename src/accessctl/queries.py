@@ -127,7 +127,7 @@ def list_batches(
 ) -> list[dict[str, Any]]:
     """Recent batches (or just ``only``), newest first, with outcome counts and state
     (batch_state.py). A batch that ended reports the outcome stored with it."""
-    from accessctl.batch_state import batch_state
+    from accessctl.batch_state import WORKFLOW_IN_FLIGHT, batch_state
     from accessctl.workflows import batch_workflow_id, requests_in_flight
 
     if limit < 1:
@@ -187,7 +187,7 @@ def list_batches(
             counts = (recorded.get(b.id, 0), failed.get(b.id, 0))
         status, executor = workflows.get(batch_workflow_id(str(b.id)), (None, None))
         complete = sum(counts) >= b.total
-        ended = status is None or status not in ("ENQUEUED", "PENDING")
+        ended = status is None or status not in WORKFLOW_IN_FLIGHT
         state = batch_state(
             stored=b.state,
             complete=complete,

@@ -17,14 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.db import check_connection, hide_password, make_engine, normalize_url
+from accessctl.db import (
+    check_connection,
+    check_sqlite_integrity,
+    hide_password,
+    make_engine,
+    normalize_url,
+)
 from accessctl.errors import ConfigError, DatabaseUnreachable, SchemaNotMigrated
 from accessctl.limits import SharedLimit, check_configured, ensure_shared_limit, following
 from accessctl.settings import APP_NAME, Settings
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
-    from dbos import DBOSClient, Queue
+    from dbos import DBOSClient
 
     from accessctl.provider import ProviderConfig
 
@@ -36,19 +42,25 @@ class Runtime:
     settings: Settings
     engine: sa.Engine
     executor_id: str
-    queue: Queue
     client: DBOSClient
 
 
-def open_engine(settings: Settings, *, pool_size: int = 3) -> sa.Engine:
-    """An engine on the configured database, checked to be reachable (exit 3 if not)."""
+def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -> sa.Engine:
+    """An engine on the configured database, checked to be reachable (exit 3 if not) and,
+    with ``check`` (executing and migrating), a SQLite file checked to be undamaged."""
     engine = make_engine(
         settings.database_url,
         connect_timeout=settings.connect_timeout,
         create_dir=settings.database_url_source == "default",
         pool_size=pool_size,
     )
-    check_connection(engine)
+    try:
+        check_connection(engine)
+        if check:
+            check_sqlite_integrity(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
@@ -57,7 +69,7 @@ def database(settings: Settings, *, auto_create: bool | None = None) -> Iterator
     """An engine whose schema is at head, for commands that do not execute workflows."""
     from accessctl.schema import ensure_schema
 
-    engine = open_engine(settings)
+    engine = open_engine(settings, check=False)  # readers: see check_sqlite_integrity
     try:
         ensure_schema(
             engine, auto_create=settings.is_sqlite if auto_create is None else auto_create
@@ -67,44 +79,21 @@ def database(settings: Settings, *, auto_create: bool | None = None) -> Iterator
         engine.dispose()
 
 
-def serialize_sqlite_claims() -> None:
-    """Make DBOS's queue-claim transaction ``BEGIN IMMEDIATE`` on SQLite.
-
-    DBOS counts the limiter's recent starts and then claims work in what it means to be one
-    transaction, but pysqlite only begins a transaction at the first write, so on SQLite the
-    count ran unlocked and two processes could both admit the last slot. ``_begin`` is the
-    hook DBOS 3.4 uses for exactly that claim (and nothing else): taking the write lock
-    there serializes claims across processes. Pinned to dbos 3.4; tests/test_rate_limit.py
-    proves the limit across processes.
-    """
-    from dbos._sys_db_sqlite import SQLiteSystemDatabase
-
-    @contextlib.contextmanager
-    def _begin_immediate(self: Any, isolation: str | None) -> Iterator[Any]:
-        with self.engine.connect() as conn, conn.begin():
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-            yield conn
-
-    SQLiteSystemDatabase._begin = _begin_immediate  # type: ignore[method-assign]
-
-
 def drain_requests(grace: float) -> None:
     """Stop taking work, then let in-flight requests finish, for up to ``grace`` seconds.
 
     Only requests are waited for: a batch workflow here may be waiting on requests that
-    nobody runs any more, and waiting for it would always cost the whole grace period.
-    Whatever is still running when we exit stays PENDING under our executor ID, and is
-    adopted by another process once our lease is gone."""
-    from dbos._dbos import _get_dbos_instance
-
+    nobody runs any more, and waiting for it would always cost the whole grace period
+    (which is why this is not ``DBOS.destroy(workflow_completion_timeout_sec=...)``: see
+    dbos_compat.py). Whatever is still running when we exit stays PENDING under our
+    executor ID, and is adopted by another process once our lease is gone."""
+    from accessctl.dbos_compat import requests_running, stop_dequeuing
     from accessctl.workflows import QUEUE_NAME
 
-    dbos = _get_dbos_instance()
-    for stop in dbos.background_thread_stop_events:
-        stop.set()  # the queue threads: nothing new is dequeued from here on
+    stop_dequeuing()
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if dbos._active_workflows_set.count_for_queue(QUEUE_NAME) == 0:
+        if requests_running(QUEUE_NAME) == 0:
             return
         time.sleep(0.05)
     log.warning("shutdown grace over with requests still running; another process adopts them")
@@ -159,6 +148,9 @@ def filing_client(settings: Settings, engine: sa.Engine) -> DBOSClient:
     """A DBOS client on our engine (its pool, and on SQLite its exact clock)."""
     from dbos import DBOSClient
 
+    from accessctl.dbos_compat import check_dbos_version
+
+    check_dbos_version()
     return DBOSClient(
         system_database_engine=engine,
         dbos_system_schema=None if settings.is_sqlite else "dbos",
@@ -178,16 +170,17 @@ def shared_limit_for(settings: Settings, client: DBOSClient, engine: sa.Engine) 
 @contextlib.contextmanager
 def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     """Launch DBOS in this process as an executor of the access-request queue."""
-    from dbos import DBOS
-    from dbos._error import DBOSInitializationError
+    from dbos import DBOS, error
 
     from accessctl import workflows
+    from accessctl.dbos_compat import check_dbos_version, serialize_sqlite_claims
     from accessctl.lease import Adopter, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
 
     # Each request in flight holds one connection at a time, DBOS's pollers, listener
     # and the batch followers a few more: keep that many open, or requests pay for new
     # Postgres server processes (docs/operations.md, "Database connections").
+    check_dbos_version()
     engine = open_engine(settings, pool_size=settings.concurrency + 6)
     lease = None
     adopter = None
@@ -197,7 +190,13 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         ensure_schema(engine, auto_create=settings.is_sqlite)
         executor_id = new_executor_id()
         lease = make_lease(engine, executor_id)
-        lease.acquire()
+        try:
+            lease.acquire()
+        except OSError as exc:  # SQLite: the lease directory beside a read-only database
+            raise ConfigError(
+                f"cannot take the executor lease beside {hide_password(settings.database_url)} "
+                f"({exc.strerror}); the database's directory must be writable"
+            ) from None
         client = filing_client(settings, engine)
         # Before launch: DBOS then polls both queues at once instead of discovering them
         # on its next scan (a second later), and a refused run leaves nothing behind.
@@ -208,18 +207,15 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
         provider = provider_config(settings, shared)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
-        bound = workflows.bind(engine, settings.poll_interval, provider)
+        workflows.bind(engine, settings.poll_interval, provider, client)
         try:
             DBOS.launch()
-        except DBOSInitializationError as exc:
+        except error.DBOSInitializationError as exc:
             raise SchemaNotMigrated(
                 f"DBOS system schema in {hide_password(settings.database_url)} is not ready "
                 f"({str(exc).splitlines()[0][:200]}); run `accessctl migrate`"
             ) from None
         launched = True
-        queue = DBOS.retrieve_queue(workflows.QUEUE_NAME)
-        assert queue is not None
-        bound.set_queue(queue)
         adopter = Adopter(
             lease,
             workflows.WORKFLOW_VERSION,
@@ -228,7 +224,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         )
         adopter.start()
         log.debug("runtime up", executor=executor_id, shared_limit=shared.describe())
-        yield Runtime(settings, engine, executor_id, queue, client)
+        yield Runtime(settings, engine, executor_id, client)
     finally:
         if adopter is not None:
             adopter.stop()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from accessctl.errors import ConfigError
+from accessctl.errors import ConfigError, SettingError
 
 APP_NAME = "accessctl"
 CONFIG_FILE_NAME = "dbos-config.yaml"
@@ -24,6 +24,90 @@ CONFIG_FILE_NAME = "dbos-config.yaml"
 SEED_USER_IDS: tuple[str, ...] = tuple(f"00000000-0000-0000-0000-00000000000{i}" for i in range(4))
 
 LogFormat = Literal["json", "console"]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A setting's documented range, checked when it is resolved (exit 2 outside it)."""
+
+    label: str  # how messages name the setting
+    low: float
+    high: float
+    unit: str
+    kind: type[int] | type[float] = float
+
+    def describe(self) -> str:
+        return f"from {_number(self.low)} to {_number(self.high)} {self.unit}"
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if value == int(value) else f"{value:g}"
+
+
+# Every bounded setting, in one table (README "Configuration" has the same table). The
+# bounds keep values inside what the rest of the program can act on: a poll interval of
+# 1e308 overflowed the waits, 1e-300 spun, and a huge concurrency or batch was accepted
+# by `config` only to fail later. Lengths are in characters.
+BOUNDS: dict[str, Bound] = {
+    "concurrency": Bound("concurrency", 1, 1000, "requests in flight", int),
+    "max_batch": Bound("largest batch", 1, 10_000_000, "requests", int),
+    "connect_timeout": Bound("connect timeout", 0.1, 300, "seconds"),
+    "shutdown_grace": Bound("shutdown grace", 0, 3600, "seconds"),
+    "poll_interval": Bound("poll interval", 0.01, 60, "seconds"),
+    "provider_timeout": Bound("provider timeout", 0.1, 600, "seconds"),
+    "provider_max_attempts": Bound("provider attempts", 1, 100, "attempts", int),
+    "provider_deadline": Bound("provider deadline", 1, 86400, "seconds"),
+    "rate_limit_limit": Bound("rate limit", 1, 1_000_000, "starts", int),
+    "rate_limit_period": Bound("rate limit period", 0.01, 86400, "seconds"),
+    "default_users": Bound("default users", 0, 10_000, "IDs", int),
+    "database_url": Bound("database URL", 1, 4096, "characters", int),
+    "provider_url": Bound("provider URL", 1, 2048, "characters", int),
+    "provider_token": Bound("provider token", 1, 16384, "characters", int),
+    "key": Bound("--key", 1, 200, "characters", int),
+}
+
+# Plain ASCII decimals only: int() and float() also take "1_000", "٣" (Arabic-Indic
+# digits), "inf" and "nan", none of which an operator means as a count or a duration.
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+# More digits than any bound has: out of bounds without converting (int() refuses more
+# than 4300 digits with ValueError).
+_MAX_DIGITS = 30
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def parse_bounded(text: str, origin: str, name: str) -> Any:
+    """``text`` as the number ``BOUNDS[name]`` describes, or SettingError naming the
+    setting, where it came from and its bounds."""
+    bound = BOUNDS[name]
+    value = text.strip()
+    pattern = _INT if bound.kind is int else _FLOAT
+    if not pattern.fullmatch(value):
+        what = "a whole number" if bound.kind is int else "a number"
+        raise SettingError(
+            f"{origin}: {bound.label} {_shown(text)} is not {what} ({bound.describe()})"
+        )
+    if bound.kind is int and len(value.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+        number: float = math.inf
+    else:
+        number = bound.kind(value)
+    if not bound.low <= number <= bound.high:  # NaN cannot get here: the pattern refuses it
+        raise SettingError(
+            f"{origin}: {bound.label} {_shown(text)} is out of bounds ({bound.describe()})"
+        )
+    return number
+
+
+def check_length(text: str, origin: str, name: str) -> str:
+    bound = BOUNDS[name]
+    if not bound.low <= len(text) <= bound.high:
+        raise SettingError(
+            f"{origin}: {bound.label} is {len(text)} characters long ({bound.describe()})"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -100,36 +184,32 @@ def parse_rate_limit(text: str, origin: str) -> RateLimit | None:
     value = text.strip().lower()
     if value in ("none", "off", "unlimited"):
         return None
-    match = re.fullmatch(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)", value)
-    if not match:
-        raise ConfigError(
-            f"{origin}: rate limit {text!r} is not LIMIT/SECONDS (e.g. 50/30) or none"
+    limit_text, slash, period_text = value.partition("/")
+    if (
+        not slash
+        or not _INT.fullmatch(limit_text.strip())
+        or not _FLOAT.fullmatch(period_text.strip())
+    ):
+        raise SettingError(
+            f"{origin}: rate limit {_shown(text)} is not LIMIT/SECONDS (e.g. 50/30) or none"
         )
-    limit, period = int(match.group(1)), float(match.group(2))
-    if limit < 1 or not 0 < period < math.inf:
-        raise ConfigError(f"{origin}: rate limit {text!r} needs a limit >= 1 and a period > 0")
-    return RateLimit(limit, period)
-
-
-def _parse_positive(text: str, origin: str, kind: type[int] | type[float]) -> Any:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ConfigError(f"{origin}: {text!r} is not a number") from None
-    if not math.isfinite(value):  # inf, nan
-        raise ConfigError(f"{origin}: {text!r} is not a finite number")
-    if value <= 0:
-        raise ConfigError(f"{origin}: {text!r} must be greater than 0")
-    return value
+    limit = parse_bounded(limit_text, origin, "rate_limit_limit")
+    period = parse_bounded(period_text, origin, "rate_limit_period")
+    return RateLimit(int(limit), float(period))
 
 
 def parse_user_list(text: str, origin: str) -> tuple[str, ...]:
     ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    bound = BOUNDS["default_users"]
+    if len(ids) > bound.high:
+        raise SettingError(
+            f"{origin}: {len(ids)} default users is out of bounds ({bound.describe()})"
+        )
     for user_id in ids:
         try:
             uuid.UUID(user_id)
         except ValueError:
-            raise ConfigError(f"{origin}: {user_id!r} is not a UUID") from None
+            raise SettingError(f"{origin}: {_shown(user_id)} is not a UUID") from None
     return ids
 
 
@@ -137,14 +217,11 @@ def _load_config_file(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
     """Read dbos-config.yaml as the ``dbos`` CLI does, ``${VAR}`` substitution included."""
     import yaml
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
-    except ValueError:  # a NUL byte in the path
-        raise ConfigError(f"{str(path)!r}: not a valid config file path") from None
+    from accessctl.files import CONFIG_FILE, read_bounded
+
+    # Bounded (size, line length, regular files only): `--config /dev/zero` read forever.
+    # Too large is a usage error (exit 2); missing, unreadable or not UTF-8 stays exit 3.
+    text = read_bounded(str(path), "config file", CONFIG_FILE, error=ConfigError)
     text = re.sub(r"\$\{([^}]+)\}", lambda m: env.get(m.group(1), ""), text)
     try:
         data = yaml.safe_load(text)
@@ -222,46 +299,28 @@ def resolve_settings(
     database_url, sources["database_url"] = str(url_found[0]).strip(), url_found[1]
 
     values: dict[str, Any] = {}
+
+    def bounded(name: str) -> Any:
+        return lambda t, o: parse_bounded(t, o, name)
+
     parsers: dict[str, tuple[str, Any]] = {
         "rate_limit": ("ACCESSCTL_RATE_LIMIT", parse_rate_limit),
-        "concurrency": (
-            "ACCESSCTL_CONCURRENCY",
-            lambda t, o: _parse_positive(t, o, int),
-        ),
+        "concurrency": ("ACCESSCTL_CONCURRENCY", bounded("concurrency")),
         "default_users": ("ACCESSCTL_DEFAULT_USERS", parse_user_list),
         "log_format": ("ACCESSCTL_LOG_FORMAT", _parse_log_format),
-        "connect_timeout": (
-            "ACCESSCTL_CONNECT_TIMEOUT",
-            lambda t, o: _parse_positive(t, o, float),
+        "connect_timeout": ("ACCESSCTL_CONNECT_TIMEOUT", bounded("connect_timeout")),
+        "max_batch": ("ACCESSCTL_MAX_BATCH", bounded("max_batch")),
+        "shutdown_grace": ("ACCESSCTL_SHUTDOWN_GRACE", bounded("shutdown_grace")),
+        "poll_interval": ("ACCESSCTL_POLL_INTERVAL", bounded("poll_interval")),
+        "provider_url": ("ACCESSCTL_PROVIDER_URL", _parse_provider_url),
+        "provider_timeout": ("ACCESSCTL_PROVIDER_TIMEOUT", bounded("provider_timeout")),
+        "provider_max_attempts": (
+            "ACCESSCTL_PROVIDER_MAX_ATTEMPTS",
+            bounded("provider_max_attempts"),
         ),
-        "max_batch": ("ACCESSCTL_MAX_BATCH", lambda t, o: _parse_positive(t, o, int)),
-        "shutdown_grace": (
-            "ACCESSCTL_SHUTDOWN_GRACE",
-            lambda t, o: _parse_positive(t, o, float),
-        ),
-        "poll_interval": (
-            "ACCESSCTL_POLL_INTERVAL",
-            lambda t, o: _parse_positive(t, o, float),
-        ),
+        "provider_deadline": ("ACCESSCTL_PROVIDER_DEADLINE", bounded("provider_deadline")),
+        "metrics_file": ("ACCESSCTL_METRICS_FILE", lambda t, o: Path(t.strip()).expanduser()),
     }
-    parsers.update(
-        {
-            "provider_url": ("ACCESSCTL_PROVIDER_URL", _parse_provider_url),
-            "provider_timeout": (
-                "ACCESSCTL_PROVIDER_TIMEOUT",
-                lambda t, o: _parse_positive(t, o, float),
-            ),
-            "provider_max_attempts": (
-                "ACCESSCTL_PROVIDER_MAX_ATTEMPTS",
-                lambda t, o: _parse_positive(t, o, int),
-            ),
-            "provider_deadline": (
-                "ACCESSCTL_PROVIDER_DEADLINE",
-                lambda t, o: _parse_positive(t, o, float),
-            ),
-            "metrics_file": ("ACCESSCTL_METRICS_FILE", lambda t, o: Path(t.strip()).expanduser()),
-        }
-    )
     for name, (var, parse) in parsers.items():
         found = lookup(name, var)
         if found is None:
@@ -274,7 +333,7 @@ def resolve_settings(
     token = lookup("provider_token", "ACCESSCTL_PROVIDER_TOKEN")
     token_file = lookup("provider_token_file", "ACCESSCTL_PROVIDER_TOKEN_FILE")
     if token is not None:
-        values["provider_token"] = str(token[0]).strip()
+        values["provider_token"] = check_length(str(token[0]).strip(), token[1], "provider_token")
         sources["provider_token"] = token[1]
     elif token_file is not None:
         values["provider_token"] = _read_token_file(str(token_file[0]), token_file[1])
@@ -282,11 +341,14 @@ def resolve_settings(
 
     from accessctl.db import validate_database_url
 
+    if database_url:  # empty: validate_database_url says so in its own words
+        check_length(database_url, sources["database_url"], "database_url")
     try:
         validate_database_url(database_url)
     except ConfigError as exc:
-        # Name where the URL came from: a flag, a variable, or the config file's key.
-        raise ConfigError(f"{sources['database_url']}: {exc.message}") from None
+        # Name where the URL came from: a flag, a variable, or the config file's key. A
+        # URL that cannot be used as written is a malformed value: exit 2, like any other.
+        raise SettingError(f"{sources['database_url']}: {exc.message}") from None
     return Settings(
         database_url=database_url,
         database_url_source=sources["database_url"],
@@ -302,24 +364,40 @@ def _parse_log_format(text: str, origin: str) -> LogFormat:
         return "json"
     if value == "console":
         return "console"
-    raise ConfigError(f"{origin}: log format {text!r} is not 'json' or 'console'")
+    raise SettingError(f"{origin}: log format {_shown(text)} is not 'json' or 'console'")
 
 
 def _parse_provider_url(text: str, origin: str) -> str:
     from urllib.parse import urlsplit
 
-    value = text.strip()
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{origin}: provider URL must be http(s)://HOST[:PORT]/PATH")
+    value = check_length(text.strip(), origin, "provider_url")
+    expected = f"{origin}: provider URL must be http(s)://HOST[:PORT]/PATH"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise SettingError(f"{expected}; it contains control characters")
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a port that is not a number, or > 65535
+        hostname = parts.hostname
+    except ValueError as exc:  # "http://[::1": urlsplit's "Invalid IPv6 URL", a bad port
+        raise SettingError(f"{expected} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise SettingError(expected)
     return value
 
 
 def _read_token_file(path: str, origin: str) -> str:
-    try:
-        token = Path(path).expanduser().read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{origin}: cannot read token file {path} ({exc.strerror})") from None
+    from accessctl.files import TOKEN_FILE, read_bounded
+
+    # Bounded like every file: a token file of /dev/zero read forever. A file that cannot
+    # be read is configuration (exit 3); one whose content is no token is a bad value (2).
+    label = f"{origin}: token file"
+    token = read_bounded(
+        path, label, TOKEN_FILE, error=ConfigError, decode_error=SettingError
+    ).strip()
     if not token:
-        raise ConfigError(f"{origin}: token file {path} is empty")
-    return token
+        raise SettingError(f"{label} {_shown(path)} is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in token):
+        # A bearer token is one line of visible characters; anything else would corrupt
+        # the Authorization header (or is not the file the operator meant).
+        raise SettingError(f"{label} {_shown(path)} holds control characters or several lines")
+    return check_length(token, origin, "provider_token")

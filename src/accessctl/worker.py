@@ -16,7 +16,9 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from dbos import WorkflowStatusString
 
+from accessctl.batch_state import WORKFLOW_WAITING
 from accessctl.db import dbos_table
 from accessctl.runtime import Runtime
 from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
@@ -31,13 +33,14 @@ _ENDED = ("done", "cancelled", "failed")
 
 
 def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
-    """Queued work anyone may take, plus work this executor is running."""
+    """Queued work anyone may take (delayed retries included: a burst worker must not
+    exit with a provider retry pending), plus work this executor is running."""
     table = dbos_table(engine)
     stmt = sa.text(
         f"SELECT count(*) FROM {table} WHERE application_version = :v AND ("
-        "(status = 'ENQUEUED' AND queue_name IN (:q1, :q2)) "
-        "OR (status = 'PENDING' AND executor_id = :me))"
-    )
+        "(status IN :waiting AND queue_name IN (:q1, :q2)) "
+        "OR (status = :pending AND executor_id = :me))"
+    ).bindparams(sa.bindparam("waiting", expanding=True))
     with engine.connect() as conn:
         return int(
             conn.execute(
@@ -47,6 +50,8 @@ def outstanding_work(engine: sa.Engine, executor_id: str) -> int:
                     "q1": QUEUE_NAME,
                     "q2": BATCH_QUEUE_NAME,
                     "me": executor_id,
+                    "waiting": sorted(WORKFLOW_WAITING),
+                    "pending": WorkflowStatusString.PENDING.value,
                 },
             ).scalar()
             or 0

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
+import random
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import sqlalchemy as sa
-from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, WorkflowStatusString
 
+from accessctl.batch_state import WORKFLOW_ENDED, WORKFLOW_IN_FLIGHT
 from accessctl.db import dbos_table, describe_db_error, sqlstate_of
 from accessctl.models import Access, AccessStatus, Batch, Error, User, utcnow
 
 if TYPE_CHECKING:
-    from dbos import Queue
+    from dbos import DBOSClient
 
     from accessctl.provider import ProviderConfig
 
@@ -60,40 +61,36 @@ class Summary(TypedDict):
 
 class _Bound:
     """What the workflows need from the running process. Bound before DBOS launches (it
-    may recover work at once); the queue exists only after launch and is set then."""
+    may recover work at once)."""
 
     def __init__(
         self,
         engine: sa.Engine,
         poll_interval: float,
         provider: ProviderConfig | None,
+        client: DBOSClient | None = None,
     ) -> None:
         self.engine = engine
+        # Reads of DBOS's records from inside a workflow go through a client: DBOS would
+        # checkpoint each of its own calls there as a step.
+        self.client = client
         self.poll_interval = poll_interval
         self.provider = provider
-        self._queue: Queue | None = None
-        self._queue_ready = threading.Event()
-
-    def set_queue(self, queue: Queue) -> None:
-        self._queue = queue
-        self._queue_ready.set()
-
-    @property
-    def queue(self) -> Queue:
-        if not self._queue_ready.wait(timeout=60):
-            raise RuntimeError("the request queue was never registered")
-        assert self._queue is not None
-        return self._queue
 
 
 _bound: _Bound | None = None
 
 
-def bind(engine: sa.Engine, poll_interval: float, provider: ProviderConfig | None) -> _Bound:
-    """Give the workflows their engine and provider (called by the runtime, before
-    launch); the runtime then calls ``set_queue`` on the result after launch."""
+def bind(
+    engine: sa.Engine,
+    poll_interval: float,
+    provider: ProviderConfig | None,
+    client: DBOSClient | None = None,
+) -> _Bound:
+    """Give the workflows their engine, provider and DBOS client (called by the runtime
+    before launch: queued work may start the moment DBOS is up)."""
     global _bound
-    _bound = _Bound(engine, poll_interval, provider)
+    _bound = _Bound(engine, poll_interval, provider, client)
     return _bound
 
 
@@ -326,18 +323,23 @@ def _run_tx(transaction: Any, *args: Any) -> Any:
     looks for its request's row first, so running it again on a replay finds the row and
     writes nothing, and recording it as a step would cost two more round trips and a
     fifth of a worker's time per request (BENCHMARKS.md). For the same reason the backoff
-    is a plain sleep: a replay simply tries again."""
-    last: BaseException | None = None
+    is a plain sleep: a replay simply tries again. The sleeps are jittered (full jitter),
+    so the requests a database restart interrupted together do not retry in lockstep, and
+    there is none after the last attempt."""
     for attempt in range(TRANSIENT_ATTEMPTS):
         try:
             return transaction(*args)
         except Exception as exc:
-            if not is_transient(exc):
+            if not is_transient(exc) or attempt == TRANSIENT_ATTEMPTS - 1:
                 raise
-            last = exc
-            time.sleep(TRANSIENT_BACKOFF_SEC * 2**attempt)
-    assert last is not None
-    raise last
+            time.sleep(transient_backoff(attempt, random.random()))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def transient_backoff(attempt: int, jitter: float) -> float:
+    """Seconds before retrying a transaction after ``attempt`` (0-based) failed, with
+    ``jitter`` in [0, 1): between half and all of 0.5 s * 2**attempt."""
+    return float(TRANSIENT_BACKOFF_SEC * 2**attempt * (0.5 + jitter / 2))
 
 
 def _database_failure(
@@ -388,7 +390,8 @@ def _enqueue_next(
     step of this workflow, so a replay does not enqueue twice."""
     options = SetEnqueueOptions(delay_seconds=delay) if delay > 0 else SetEnqueueOptions()
     with SetWorkflowID(f"{request_id}.t{tries + 1}"), options:
-        _runtime().queue.enqueue(
+        DBOS.enqueue_workflow(
+            QUEUE_NAME,
             file_request,
             batch_id,
             user_id,
@@ -511,7 +514,6 @@ def file_request(
 # without an outcome (a cancelled request workflow, or one that failed outside the
 # database), so it records them as failed instead of waiting forever.
 STALL_CHECK_SEC = 5.0
-ENDED = ("ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
 def outcome_counts(engine: sa.Engine, batch_id: str) -> tuple[int, int]:
@@ -562,19 +564,26 @@ def requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
     table = dbos_table(engine)
     sql = sa.text(
         f"SELECT count(*) FROM {table} WHERE queue_name = :q "
-        "AND status IN ('ENQUEUED', 'PENDING', 'DELAYED') AND workflow_uuid LIKE :p"
-    )
+        "AND status IN :s AND workflow_uuid LIKE :p"
+    ).bindparams(sa.bindparam("s", expanding=True))
     with engine.connect() as conn:
-        return int(conn.scalar(sql, {"q": QUEUE_NAME, "p": f"req-{batch_id}-%"}) or 0)
+        return int(
+            conn.scalar(
+                sql, {"q": QUEUE_NAME, "s": sorted(WORKFLOW_IN_FLIGHT), "p": f"req-{batch_id}-%"}
+            )
+            or 0
+        )
 
 
 def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
     """Give every request of this batch whose last try ended (cancelled, failed) without
     a row its ``errors`` row; returns how many it recorded. Keyed by request ID like every
     request row, so running it twice records nothing twice."""
-    ended = DBOS.list_workflows(
+    client = _runtime().client
+    assert client is not None
+    ended = client.list_workflows(
         workflow_id_prefix=f"req-{batch_id}-",
-        status=list(ENDED),
+        status=sorted(WORKFLOW_ENDED - {WorkflowStatusString.SUCCESS.value}),
         name="accessctl.file_request",  # not the queue: cancelling takes a workflow off it
         load_input=True,
         load_output=False,

@@ -1,0 +1,160 @@
+"""Contract tests of dbos_compat.py: each hook still does what it is there for on the
+installed DBOS, and fails loudly when DBOS drifts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from accessctl import dbos_compat
+from conftest import SEED, Cli
+
+
+def test_the_installed_dbos_is_the_proven_one() -> None:
+    # CI installs the pinned tree (pyproject's constraint-dependencies): a DBOS upgrade is
+    # a deliberate change of PROVEN_DBOS_VERSION after these tests pass on it.
+    assert dbos_compat.installed_dbos_version() == dbos_compat.PROVEN_DBOS_VERSION
+
+
+def test_another_dbos_version_is_refused_unless_named_on_purpose(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dbos_compat, "installed_dbos_version", lambda: "9.9.9")
+    refused = cli("submit", SEED[0])
+    assert refused.exit_code == 3, refused.stderr
+    line = refused.stderr.strip()
+    assert line.count("\n") == 0 and "9.9.9" in line and dbos_compat.PROVEN_DBOS_VERSION in line
+    assert dbos_compat.ALLOW_VARIABLE in line
+    assert cli.scalar("SELECT count(*) FROM batches") == 0
+    wrong = cli("submit", SEED[0], "--detach", ACCESSCTL_ALLOW_DBOS_VERSION="9.9.8")
+    assert wrong.exit_code == 3
+    allowed = cli("submit", SEED[0], ACCESSCTL_ALLOW_DBOS_VERSION="9.9.9")
+    assert allowed.exit_code == 1, allowed.stderr  # ran: the seed user is unknown
+
+
+def test_dbos_clock_expression_is_exact_on_our_engine(tmp_path: Path) -> None:
+    """DBOS's own millisecond clock (the expression it puts in its SQL, read from DBOS on
+    this Python) gives millisecond times on our SQLite engine: not whole seconds (3.11's
+    strftime), not NULL (3.12+'s unixepoch('subsec') on SQLite < 3.42)."""
+    from dbos._sys_db import SystemDatabase
+
+    from accessctl.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'clock.sqlite'}", create_dir=True)
+    expression = SystemDatabase._now_ms_sql(SimpleNamespace(engine=engine))  # type: ignore[arg-type]
+    try:
+        with engine.connect() as conn:
+            values = []
+            for _ in range(20):
+                before = time.time() * 1000
+                value = conn.execute(sa.select(expression)).scalar()
+                after = time.time() * 1000
+                assert value is not None, f"DBOS's clock is NULL on Python {sys.version_info}"
+                assert before - 1 <= value <= after + 1
+                values.append(int(value))
+                time.sleep(0.003)
+    finally:
+        engine.dispose()
+    # Whole seconds would make every value a multiple of 1000.
+    assert any(v % 1000 for v in values), values
+
+
+def test_claims_go_through_the_serialized_begin(tmp_path: Path) -> None:
+    """On SQLite, DBOS's queue claims run in our BEGIN IMMEDIATE transaction: if DBOS
+    stopped calling ``_begin`` for them, this count would stay at zero."""
+    from dbos._sys_db_sqlite import SQLiteSystemDatabase
+
+    tool = Cli(f"sqlite:///{tmp_path / 'claims.sqlite'}")
+    assert tool("migrate").exit_code == 0
+    before = dbos_compat.serialized_claims
+    result = tool("submit", *SEED, "--json")
+    assert result.exit_code == 1, result.stderr
+    assert json.loads(result.stdout)["failed"] == 4
+    assert dbos_compat.serialized_claims > before
+    assert SQLiteSystemDatabase._begin.__qualname__.endswith("_begin_immediate")
+
+
+def test_a_dbos_without_the_hooked_method_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accessctl.errors import ConfigError
+
+    class Renamed:  # what SQLiteSystemDatabase would be if DBOS renamed _begin
+        pass
+
+    import dbos._sys_db_sqlite as module
+
+    monkeypatch.setattr(module, "SQLiteSystemDatabase", Renamed)
+    with pytest.raises(ConfigError, match="_begin"):
+        dbos_compat.serialize_sqlite_claims()
+
+
+def _rows(engine: sa.Engine, table: str, ids: list[str]) -> list[dict[str, Any]]:
+    prefix = "" if engine.dialect.name == "sqlite" else "dbos."
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(f"SELECT * FROM {prefix}{table} WHERE workflow_uuid IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"ids": ids},
+        ).mappings()
+        return sorted((dict(r) for r in rows), key=lambda r: str(r["workflow_uuid"]))
+
+
+def test_bulk_rows_equal_dbos_enqueued_rows(cli: Cli) -> None:
+    """The same workflows, enqueued by DBOS's public enqueue_in_transaction and by our bulk
+    path: every column of workflow_status and workflow_input is equal, except the ones
+    that name the call itself (its ID, its moment, DBOS's per-call transaction ID)."""
+    from accessctl.runtime import filing_client
+    from accessctl.settings import resolve_settings
+    from accessctl.workflows import QUEUE_NAME, WORKFLOW_VERSION
+
+    settings = resolve_settings({"database_url": cli.database_url})
+    engine = cli.engine()
+    client = filing_client(settings, engine)
+    retry = {"max_attempts": 5.0, "deadline": 300.0}
+    args_of = [
+        (str(uuid.uuid4()), SEED[i], None, 1, retry, *((1, 0.0, "key-1") if i == 2 else ()))
+        for i in range(3)
+    ]
+    public = [f"parity-public-{i}" for i in range(3)]
+    bulk = [f"parity-bulk-{i}" for i in range(3)]
+    try:
+        with engine.begin() as conn:
+            for workflow_id, args in zip(public, args_of, strict=True):
+                client.enqueue_in_transaction(
+                    conn,
+                    {
+                        "queue_name": QUEUE_NAME,
+                        "workflow_name": "accessctl.file_request",
+                        "workflow_id": workflow_id,
+                        "app_version": WORKFLOW_VERSION,
+                    },
+                    *args,
+                )
+        statuses = [
+            dbos_compat.build_enqueue_status(
+                client, QUEUE_NAME, "accessctl.file_request", workflow_id, WORKFLOW_VERSION, *a
+            )
+            for workflow_id, a in zip(bulk, args_of, strict=True)
+        ]
+        with engine.begin() as conn:
+            dbos_compat.bulk_enqueue(client, conn, statuses, int(time.time() * 1000))
+        call_specific = {"workflow_uuid", "created_at", "updated_at", "creator_xid"}
+        for table in ("workflow_status", "workflow_input"):
+            theirs, ours = _rows(engine, table, public), _rows(engine, table, bulk)
+            assert len(theirs) == len(ours) == 3, table
+            columns = set(theirs[0])
+            assert columns == set(ours[0])
+            for a, b in zip(theirs, ours, strict=True):
+                for column in sorted(columns - call_specific - {"retention_timestamp"}):
+                    assert a[column] == b[column], (table, column)
+    finally:
+        client.destroy()
+        engine.dispose()
