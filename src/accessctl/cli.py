@@ -23,8 +23,8 @@ import typer
 from typer.core import TyperCommand
 
 from accessctl import __version__
-from accessctl.clicore import AccessctlGroup, json_requested, print_json_error, report_error
-from accessctl.errors import AccessctlError, ExitCode, Interrupted, UsageError
+from accessctl.clicore import AccessctlGroup, report_error
+from accessctl.errors import AccessctlError, ExitCode, UsageError
 from accessctl.settings import BOUNDS, Settings, resolve_settings
 
 EXIT_CODES_HELP = (
@@ -72,14 +72,6 @@ def handles_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except Interrupted as exc:
-            # A stop the operator asked for is not an error: one log line, its exit code.
-            import structlog
-
-            structlog.get_logger("accessctl").info(exc.message, exit_code=int(exc.exit_code))
-            if json_requested():  # a script parsing stdout still gets one document
-                print_json_error(exc.message, int(exc.exit_code))
-            raise typer.Exit(int(exc.exit_code)) from None
         except AccessctlError as exc:
             raise fail(exc.message, int(exc.exit_code)) from None
         except (typer.Exit, typer.Abort, click.ClickException):
@@ -831,7 +823,6 @@ def worker(
     finish; queued work stays for other workers."""
     import structlog
 
-    from accessctl.errors import Interrupted
     from accessctl.metrics import resolve_metrics_path
     from accessctl.runtime import executing_runtime
     from accessctl.worker import WorkerReport, run_worker
@@ -848,8 +839,13 @@ def worker(
         finally:
             report.close(stopped=stop.is_set())
     if stop.is_set():
-        # Asked for, so not an error: handles_errors logs it as info and exits 130/143.
-        raise Interrupted("worker stopped; queued work stays for other workers", reason())
+        # A signal is how a worker is meant to stop: an info line, not an error, and the
+        # documented exit code (130/143).
+        code = int(reason())
+        structlog.get_logger("accessctl").info(
+            "worker stopped; queued work stays for other workers", exit_code=code
+        )
+        raise typer.Exit(code)
 
 
 # --- the shared limit -------------------------------------------------------------------------
