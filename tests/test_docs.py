@@ -109,3 +109,36 @@ def test_readme_names_the_schema_revision_migrate_reports() -> None:
     head = head_revision()
     assert f"revision {head}" in README
     assert f'"revision": "{head}"' in README
+
+
+def test_shell_completion_as_the_readme_says() -> None:
+    import subprocess
+
+    from conftest import ACCESSCTL_BIN
+
+    assert "accessctl --install-completion" in README
+    for shell in ("bash", "zsh", "fish"):
+        script = subprocess.run(
+            [ACCESSCTL_BIN, "--show-completion", shell],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert script.returncode == 0, script.stderr
+        assert "_ACCESSCTL_COMPLETE" in script.stdout, shell
+        assert f"accessctl --show-completion {shell}" in README
+    completed = subprocess.run(
+        [ACCESSCTL_BIN],
+        env={
+            **__import__("os").environ,
+            "_ACCESSCTL_COMPLETE": "complete_bash",
+            "COMP_WORDS": "accessctl bat",
+            "COMP_CWORD": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.stdout.split() == ["batch", "batches"], completed.stderr
