@@ -183,3 +183,14 @@ def test_global_options_work_after_the_command(cli: Cli) -> None:
     # A value that looks like an option stays a value; `--` ends the options.
     assert moved(group, ["submit", "--key", "--no-color"]) == ["submit", "--key", "--no-color"]
     assert moved(group, ["submit", "--", "-v"]) == ["submit", "--", "-v"]
+
+
+def test_the_readmes_json_examples_have_the_keys_the_commands_print(cli: Cli) -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("`status --json`:", 1)[1]
+    example = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    failing_batch(cli)
+    status = cli.json("status", "--json")
+    assert list(status) == list(example)
