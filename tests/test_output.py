@@ -194,3 +194,11 @@ def test_the_readmes_json_examples_have_the_keys_the_commands_print(cli: Cli) ->
     failing_batch(cli)
     status = cli.json("status", "--json")
     assert list(status) == list(example)
+
+
+def test_batch_names_its_own_options_in_a_malformed_id_error() -> None:
+    result = CliRunner().invoke(app, ["batch", "3", "-u", "bad"])
+    line = only_error_line(result.stderr)
+    assert result.exit_code == 2
+    assert "--user 1: 'bad' is not a UUID" in line
+    assert "use --skip-invalid" not in line and "submit --skip-invalid" in line

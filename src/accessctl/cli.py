@@ -511,6 +511,8 @@ def batch(
         message = exc.message.split(" (use --skip-invalid", 1)[0]
         if message != exc.message:
             message += " (batch files only valid IDs; `submit --skip-invalid` records bad ones)"
+        if users:  # its "arguments" are --user values: say so
+            message = re.sub(r"\bargument (\d+):", r"--user \1:", message)
         raise UsageError(message) from None
     if not parsed.user_ids:
         raise UsageError("no user IDs to cycle over")
