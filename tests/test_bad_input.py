@@ -122,7 +122,7 @@ def test_malformed_ids_from_args_file_and_stdin_are_reported_at_once(
     assert line.index("argument 2") < line.index("stdin line 2") < line.index("line 3:")
     # batch --user / --file are checked the same way.
     result = cli("batch", "3", "--user", SEED[0], "--user", "nope", "--file", str(path))
-    assert_one_line_error(result, 2, "3 malformed", "argument 2: 'nope'", "line 3:", "line 5:")
+    assert_one_line_error(result, 2, "3 malformed", "--user 2: 'nope'", "line 3:", "line 5:")
     assert_nothing_filed(cli)
 
 
