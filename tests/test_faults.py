@@ -234,9 +234,11 @@ def test_signal_mid_batch_exits_then_rerun_completes(cli: Cli, signum: int, code
     proc = cli.popen(*args, ACCESSCTL_SHUTDOWN_GRACE="2")
     wait_for(lambda: request_count(cli) >= 5, what="some requests")
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "resumes" in err
+    # --json: the interruption is one JSON document on stdout as well.
+    assert json.loads(out)["exit_code"] == code
     done_at_signal = request_count(cli)
     assert done_at_signal < 25
     rerun = cli.run(*args)
