@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import re
 import socket
@@ -34,7 +33,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -360,51 +359,23 @@ def make_lease(engine: sa.Engine, executor_id: str) -> Lease:
 
 
 def gate_dequeue_on_lease() -> None:
-    """Make DBOS's queue threads claim nothing while this process's lease is not confirmed.
+    """Make DBOS's queue threads claim nothing while this process's lease is not confirmed
+    (dbos_compat.gate_dequeue): a fenced process spends no limiter slot on work it may not
+    do. The provider-call fence in ``workflows.call_provider_step`` is what keeps calls
+    exactly once. Proven by tests/test_lease.py (``test_dequeue_gate_*``) and, against a
+    real database restart, tests/test_faults.py::test_database_restart_runs_every_request_once."""
+    from accessctl.dbos_compat import gate_dequeue
 
-    DBOS PRIVATE, pinned to dbos 3.4.0: DBOS has no public way to pause a launched
-    process's dequeuing (``listen_queues`` only applies before launch, and stopping the
-    queue threads is for good). Every claim of a non-partitioned queue goes through
-    ``SystemDatabase.start_queued_workflows`` (``_queue.queue_worker_thread``), so
-    answering "nothing claimed" there while we are fenced pauses dequeuing and resumes it
-    by itself once the lease is back. Patched on the class, before launch, because the
-    queue thread starts inside ``DBOS.launch``. The provider-call fence in
-    ``workflows.call_provider_step`` is what keeps calls exactly once; this only keeps a
-    fenced process from spending limiter slots on work it may not do. Proven by
-    tests/test_lease.py (``test_dequeue_gate_*``) and, against a real database restart,
-    tests/test_faults.py::test_database_restart_runs_every_request_once.
-    """
-    from dbos._sys_db import SystemDatabase
-
-    original: Any = SystemDatabase.start_queued_workflows
-    if getattr(original, "_accessctl_gated", False):
-        return
-
-    @functools.wraps(original)
-    def gated(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not lease_confirmed():
-            return [], None  # claimed nothing, and no limit was the reason
-        return original(self, *args, **kwargs)
-
-    gated._accessctl_gated = True  # type: ignore[attr-defined]
-    SystemDatabase.start_queued_workflows = gated  # type: ignore[method-assign]
+    gate_dequeue(lease_confirmed)
 
 
 def execution_token(workflow_id: str) -> str | None:
-    """The ownership token of this thread's execution of ``workflow_id``.
+    """The ownership token of this thread's execution of ``workflow_id``
+    (dbos_compat.execution_token): an execution whose token is no longer on the row has
+    been replaced, e.g. adopted while this process had lost its lease."""
+    from accessctl.dbos_compat import execution_token as token
 
-    DBOS PRIVATE, pinned to dbos 3.4.0 (``dbos._context.current_owner_xid``): DBOS stamps a
-    fresh token (``owner_xid`` in ``workflow_status``) on a workflow's row whenever an
-    executor claims it, and recovery clears it, so an execution whose token is no longer
-    on the row has been replaced (e.g. adopted while this process had lost its lease).
-    DBOS refuses such an execution's writes; comparing tokens before a provider call keeps
-    it from calling too. There is no public accessor. Proven by tests/test_lease.py
-    (``test_a_replaced_execution_does_not_call``) and by every provider test (a wrong
-    token would make every call "late", and no batch would finish).
-    """
-    from dbos._context import current_owner_xid
-
-    return current_owner_xid(workflow_id)
+    return token(workflow_id)
 
 
 def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
@@ -523,19 +494,14 @@ class Adopter:
             raise
         if not due:
             return 0
-        from dbos._dbos import _get_dbos_instance
-        from dbos._recovery import _recover_workflow
-        from dbos._sys_db import GetPendingWorkflowsOutput
+        from accessctl.dbos_compat import requeue_for_adoption
 
-        dbos = _get_dbos_instance()
         adopted = 0
         for executor_id in due:
             ready, waiting = self._orphans(executor_id)
             for workflow_id in ready:
                 # What DBOS's own recovery does: back to its queue, restarted through it.
-                _recover_workflow(
-                    dbos, GetPendingWorkflowsOutput(workflow_id=workflow_id), [executor_id]
-                )
+                requeue_for_adoption(workflow_id, executor_id)
             if not waiting:
                 self._free_since.pop(executor_id, None)
                 self.lease.forget(executor_id)
@@ -561,7 +527,7 @@ class Adopter:
             try:
                 self.lease.keep_alive()
             except Exception as exc:  # keep_alive handles database faults; never die here
-                log.warning("executor lease check failed", error=type(exc).__name__)
+                self._report("executor lease check failed", exc)
             if self._stop.wait(LEASE_CHECK_SEC):
                 return
 
@@ -570,7 +536,20 @@ class Adopter:
             try:
                 self.adopt_once()
             except Exception as exc:  # a passing database fault: try again next round
-                log.warning("adoption round failed", error=type(exc).__name__)
+                self._report("adoption round failed", exc)
+
+    def _report(self, event: str, exc: Exception) -> None:
+        """A database fault passes (a warning); anything else may be DBOS drift, so it is
+        an error with its traceback: it must be seen, not retried in silence."""
+        from sqlalchemy.exc import DBAPIError
+
+        from accessctl.db import describe_db_error
+
+        detail = describe_db_error(exc, url=self.lease.engine.url)[:300]
+        if isinstance(exc, (DBAPIError, OSError)):
+            log.warning(event, error=type(exc).__name__, detail=detail)
+        else:
+            log.error(event, error=type(exc).__name__, detail=detail, exc_info=exc)
 
     def stop(self) -> None:
         self._stop.set()
