@@ -496,7 +496,7 @@ def test_openapi_schema_is_checked_in() -> None:
 
 def test_importing_the_cli_imports_no_web_stack() -> None:
     code = (
-        "import sys, accessctl.cli; "
+        "import sys, accessctl.entry, accessctl.cli; "
         "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
     )
     result = subprocess.run(

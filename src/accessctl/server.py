@@ -678,7 +678,7 @@ def create_app(state: ServerState | None = None, *, token: str | None = None) ->
         """File a new batch from a batch's failed requests (as ``accessctl retry``); its key
         defaults to retry-of-BATCH_ID, so retrying twice files one batch."""
         from accessctl.inputs import parse_key
-        from accessctl.queries import failed_requests, parse_uuid
+        from accessctl.queries import failed_requests, nothing_to_retry, parse_uuid
 
         backend = _backend(request)
         source = str(parse_uuid(batch_id, "batch ID"))
@@ -688,7 +688,7 @@ def create_app(state: ServerState | None = None, *, token: str | None = None) ->
         except UsageError as exc:  # the ID was a UUID: the batch does not exist
             raise ApiError(404, exc.message) from None
         if not failed:
-            raise UsageError(f"batch {source} has no failed requests to retry")
+            raise UsageError(nothing_to_retry(backend.engine, source))
         return _filed(
             backend,
             [r["user_id"] for r in failed],
