@@ -230,6 +230,26 @@ def test_fifty_concurrent_posts_with_one_key_file_one_batch(cli: Cli, tmp_path: 
     assert cli.scalar(f"SELECT count(*) FROM {cli.workflow_table} WHERE status = 'ENQUEUED'") == 6
 
 
+def test_a_key_names_the_same_batch_over_http_and_from_the_cli(cli: Cli, tmp_path: Path) -> None:
+    users = cli.add_users(2)
+    with served(cli, tmp_path, "--no-execute") as server, server.client() as client:
+        filed = client.post("/submit", json={"user_ids": users}, headers={"Idempotency-Key": "k"})
+        assert filed.status_code == 202, filed.text
+        same = cli("submit", *users, "--key", "k", "--detach")
+        assert same.exit_code == 0, same.stderr
+        assert same.stdout.strip() == filed.json()["batch_id"]
+        other = cli("submit", users[0], "--key", "k", "--detach")
+        assert other.exit_code == 2 and "already names batch" in other.stderr
+        # And the other way round: a batch the CLI filed, attached to over HTTP.
+        cli_filed = cli("batch", "3", "--user", users[0], "--key", "c", "--detach")
+        assert cli_filed.exit_code == 0, cli_filed.stderr
+        again = client.post(
+            "/batch/3", json={"users": [users[0]]}, headers={"Idempotency-Key": "c"}
+        )
+        assert (again.status_code, again.json()["batch_id"]) == (200, cli_filed.stdout.strip())
+    assert cli.scalar("SELECT count(*) FROM batches") == 2
+
+
 def test_server_and_worker_share_one_limit(cli: Cli, tmp_path: Path) -> None:
     users = cli.add_users(2)
     result = cli("limit", "set", "10/2")
@@ -354,8 +374,11 @@ def test_off_loopback_needs_a_token(cli: Cli, tmp_path: Path, backend: str) -> N
         assert client.get("/batches", headers=right).status_code == 200
         assert client.post("/submit", headers=right).status_code == 202
         assert client.get("/healthz").status_code == 200  # probes stay open
+        assert client.get("/readyz").status_code == 200
+        assert_error(client.get("/openapi.json"), 401)
     assert TOKEN not in server.log()
     assert TOKEN[:-1] not in server.log()
+    assert "authorization" not in server.log().lower()
 
 
 # --- in-process: validation and fuzzing -------------------------------------------------------
