@@ -500,6 +500,16 @@ def create_app(state: ServerState | None = None, *, token: str | None = None) ->
         docs_url=None,
         redoc_url=None,
         responses=_ERROR_RESPONSES,
+        # FastAPI's own OpenTelemetry hooks record exception messages and stack traces,
+        # and export them when FASTAPI_OTEL_AUTO_CONFIGURE is set: off, so nothing leaves
+        # but the JSON answers and our own log lines.
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
     )
     app.state.backend_of = (lambda: state.backend) if state is not None else (lambda: None)
 
