@@ -52,7 +52,9 @@ def file_one(rt: Runtime, user_id: str) -> tuple[str, str]:
     """File a batch of one request and wait for it: (batch ID, request ID)."""
     request = BatchRequest(user_ids=[user_id], invalid=[], key=None)
     assert file_batch(rt.client, rt.engine, request, retry_policy(rt.settings))
-    summary = DBOS.retrieve_workflow(workflows.batch_workflow_id(request.batch_id)).get_result()
+    summary: workflows.Summary = DBOS.retrieve_workflow(
+        workflows.batch_workflow_id(request.batch_id)
+    ).get_result()
     assert (summary["recorded"], summary["failed"]) == (1, 0)
     return request.batch_id, workflows.request_workflow_id(request.batch_id, 0)
 
@@ -81,7 +83,7 @@ def test_a_replayed_request_writes_and_calls_nothing_twice(
 ) -> None:
     [user] = cli.add_users(1)
     _, rid = file_one(runtime, user)
-    first = DBOS.retrieve_workflow(rid).get_result()
+    first: dict[str, Any] = DBOS.retrieve_workflow(rid).get_result()
     assert first == {"outcome": "recorded", "attempt": 1}
     assert access_rows(runtime) == [(rid, "approved")]
     assert [c.key for c in provider.calls] == [rid]
