@@ -499,7 +499,7 @@ SETTING_VARS = [
 ]
 # Environment values cannot hold NUL bytes or lone surrogates: the OS refuses them.
 ENV_TEXT = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
     max_size=40,
 )
 NUMBERISH = st.one_of(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +47,27 @@ def test_help_lists_every_exit_code() -> None:
         assert code in text
 
 
+def summary_fields(table: str) -> dict[str, str]:
+    """A rendered summary table's rows, field -> value."""
+    rows = (re.findall(r"[^\s│]+", line) for line in table.splitlines() if "│" in line)
+    return {r[0]: r[1] for r in rows if len(r) == 2}
+
+
 def test_submit_on_fresh_embedded_default_records_seed_failures(isolated_environment: Path) -> None:
     # No database URL at all: the embedded default under $XDG_DATA_HOME, created on first use.
     tool = Cli("")
     env = {"ACCESSCTL_DATABASE_URL": ""}
     result = tool("submit", **env)
     assert result.exit_code == 1, result.output + result.stderr
-    assert "recorded" in result.stdout and "failed" in result.stdout
+    # The summary table's values, not its field names (which are always there).
+    assert summary_fields(result.stdout) == {
+        "batch_id": summary_fields(result.stdout)["batch_id"],
+        "key": "-",
+        "total": "4",
+        "recorded": "0",
+        "failed": "4",
+        "state": "done",
+    }
     assert (isolated_environment / "data" / "accessctl" / "accessctl.sqlite").is_file()
     assert not list(Path.cwd().glob("*.sqlite"))
 

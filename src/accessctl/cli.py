@@ -224,6 +224,9 @@ def _signals() -> Iterator[tuple[threading.Event, Callable[[], ExitCode]]]:
             os._exit(int(ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED))
         received.append(signum)
         stop.set()
+        # Said at once: the drain can take the whole shutdown grace. os.write, as in
+        # entry.py: no buffered stream to re-enter inside a handler.
+        os.write(2, b"accessctl: stopping; in-flight requests finish first (signal again to exit now)\n")
 
     if threading.current_thread() is not threading.main_thread():
         yield stop, code
