@@ -224,9 +224,6 @@ def _signals() -> Iterator[tuple[threading.Event, Callable[[], ExitCode]]]:
             os._exit(int(ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED))
         received.append(signum)
         stop.set()
-        # Said at once: the drain can take the whole shutdown grace. os.write, as in
-        # entry.py: no buffered stream to re-enter inside a handler.
-        os.write(2, b"accessctl: stopping; in-flight requests finish first (signal again to exit now)\n")
 
     if threading.current_thread() is not threading.main_thread():
         yield stop, code
@@ -971,4 +968,15 @@ def main() -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+    _save_coverage()
     os._exit(code)
+
+
+def _save_coverage() -> None:
+    """Under coverage.py (CI measures the processes the tests start), write this process's
+    data now: ``os._exit`` skips the exit hook that would. Never imports coverage itself."""
+    coverage = sys.modules.get("coverage")
+    current = coverage.Coverage.current() if coverage is not None else None
+    if current is not None:
+        current.stop()
+        current.save()

@@ -89,6 +89,9 @@ def drain_requests(grace: float) -> None:
     from accessctl.workflows import QUEUE_NAME
 
     stop_dequeuing()
+    if requests_running(QUEUE_NAME):
+        # Said before waiting: the wait can take the whole grace (a second signal ends it).
+        log.info("waiting for in-flight requests to finish", grace_seconds=grace)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if requests_running(QUEUE_NAME) == 0:
