@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_LIMIT, SEED, Cli
+from conftest import FAST_LIMIT, SEED, UNMEASURED, Cli
 
 
 def test_help_imports_no_database_driver_and_no_dbos() -> None:
@@ -27,7 +27,13 @@ def test_help_imports_no_database_driver_and_no_dbos() -> None:
         " if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **UNMEASURED},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "HEAVY []" in done.stderr
     assert "Exit codes:" in done.stdout
 
