@@ -201,7 +201,9 @@ def test_a_key_with_other_input_is_refused_naming_its_batch(cli: Cli) -> None:
         result = cli(*args, "--key", "demo-1", "--json")
         assert result.exit_code == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and first["batch_id"] in result.stderr
-        assert result.stdout == ""
+        # --json: the error as one JSON document on stdout too.
+        assert json.loads(result.stdout)["exit_code"] == 2
+        assert first["batch_id"] in json.loads(result.stdout)["error"]
     # The same input attaches, as a retry of a crashed run must.
     again = cli.json("batch", "4", *user_args(users), "--key", "demo-1", "--json")
     assert again["batch_id"] == first["batch_id"] and again["total"] == 4

@@ -53,10 +53,13 @@ def test_help_lists_every_exit_code() -> None:
         assert code in text
 
 
+SUMMARY_FIELDS = ("batch_id", "key", "total", "recorded", "failed", "state")
+
+
 def summary_fields(table: str) -> dict[str, str]:
-    """A rendered summary table's rows, field -> value."""
-    rows = (re.findall(r"[^\s│]+", line) for line in table.splitlines() if "│" in line)
-    return {r[0]: r[1] for r in rows if len(r) == 2}
+    """A rendered summary's field -> value rows, whatever the table's borders."""
+    rows = (re.findall(r"[^\s│┃]+", line) for line in table.splitlines())
+    return {r[0]: r[1] for r in rows if len(r) == 2 and r[0] in SUMMARY_FIELDS}
 
 
 def test_submit_on_fresh_embedded_default_records_seed_failures(isolated_environment: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import json
 import signal
 import socket
@@ -12,10 +13,12 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import pytest
 
+import pgcluster
 from accessctl.testing.provider import FakeProvider
 from conftest import Cli
 
@@ -114,6 +117,10 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(cli: Cli, point: str) ->
     unknown = "99999999-9999-9999-9999-999999999999"
     n = 30
     args = ["batch", str(n), *user_args([*users, unknown]), "--key", f"kill-{point}", "--json"]
+    if point == "after-last-commit":
+        # The run notices its batch is complete at its next poll: a slow poll keeps it
+        # alive long enough after the last row for the kill to land there, not by luck.
+        cli.env["ACCESSCTL_POLL_INTERVAL"] = "3"
     proc = cli.popen(*args)
     batch_rows = f"SELECT count(*) FROM {cli.workflow_table} WHERE workflow_uuid LIKE 'batch-%'"
     if point == "fan-out":
@@ -241,9 +248,11 @@ def test_signal_mid_batch_exits_then_rerun_completes(cli: Cli, signum: int, code
     proc = cli.popen(*args, ACCESSCTL_SHUTDOWN_GRACE="2")
     wait_for(lambda: request_count(cli) >= 5, what="some requests")
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "resumes" in err
+    # --json: the interruption is one JSON document on stdout as well.
+    assert json.loads(out)["exit_code"] == code
     done_at_signal = request_count(cli)
     assert done_at_signal < 25
     rerun = cli.run(*args)
@@ -411,3 +420,115 @@ def test_runs_killed_repeatedly_still_finish(cli: Cli) -> None:
     assert rerun.returncode == 0, rerun.stderr
     accesses, errors, distinct = terminal_outcomes(cli, json.loads(rerun.stdout)["batch_id"])
     assert (accesses, errors, distinct) == (40, 0, 40)
+
+
+@pytest.mark.slow
+def test_burst_worker_after_kill_9_finishes_the_dead_process_work(cli: Cli) -> None:
+    """The dead process's running work is adopted only after the grace: a burst worker
+    started right after the kill must wait for it, not exit with the batch unfinished."""
+    users = cli.add_users(2)
+    proc = cli.popen("batch", "30", *user_args(users), "--key", "burst-after-kill", "--json")
+    wait_for(lambda: request_count(cli) >= 10, what="a third of the batch")
+    proc.kill()
+    proc.wait(timeout=10)
+    orphaned = f"SELECT count(*) FROM {cli.workflow_table} WHERE status = 'PENDING'"
+    assert cli.scalar(orphaned) >= 1  # at least the batch workflow it was following
+    worker = cli.run("worker", "--burst", timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    batch_id = str(cli.scalar("SELECT id FROM batches"))
+    if len(batch_id) == 32:  # SQLite keeps UUIDs as bare hex
+        batch_id = (
+            f"{batch_id[:8]}-{batch_id[8:12]}-{batch_id[12:16]}-{batch_id[16:20]}-{batch_id[20:]}"
+        )
+    assert terminal_outcomes(cli, batch_id) == (30, 0, 30)
+    left = f"SELECT count(*) FROM {cli.workflow_table} WHERE status IN ('PENDING', 'ENQUEUED')"
+    assert cli.scalar(left) == 0
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[pgcluster.Cluster]:
+    """A PostgreSQL cluster this test may restart (never the shared one)."""
+    why_not = pgcluster.available()
+    if why_not:
+        pytest.skip(why_not)
+    cluster = pgcluster.Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+class Lines:
+    """A process's stderr, collected line by line as it comes (so the pipe never fills)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stderr is not None
+        stream = proc.stderr
+        self._thread = threading.Thread(
+            target=lambda: self.lines.extend(iter(stream.readline, "")), daemon=True
+        )
+        self._thread.start()
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+@pytest.mark.slow
+def test_database_restart_runs_every_request_once(own_postgres: pgcluster.Cluster) -> None:
+    """Two workers with requests in flight at a slow provider, the limit lifted, and
+    ``pg_ctl restart -m fast``: both lose their leases. Neither may run the other's work
+    while it is still running it: the provider sees each request exactly once."""
+    n = 80
+    tool = Cli(own_postgres.url, env={"ACCESSCTL_RATE_LIMIT": "none"})
+    assert tool("migrate").exit_code == 0
+    users = tool.add_users(4)
+    # Calls take 2 s, so the restart finds calls in flight and they are still in flight
+    # when another process could adopt them.
+    with FakeProvider(delay=2.0) as provider:
+        tool.env.update(
+            ACCESSCTL_PROVIDER_URL=provider.url,
+            ACCESSCTL_PROVIDER_TIMEOUT="4",
+            ACCESSCTL_CONCURRENCY="10",
+        )
+        filed = tool("batch", str(n), *user_args(users), "--detach")
+        assert filed.exit_code == 0, filed.stderr
+        workers = [tool.popen("worker") for _ in range(2)]
+        logs = [Lines(w) for w in workers]
+        try:
+            running = (
+                f"SELECT count(DISTINCT executor_id) FROM {tool.workflow_table} "
+                "WHERE status = 'PENDING' AND queue_name = 'access-requests'"
+            )
+            wait_for(lambda: tool.scalar(running) == 2, what="both workers running requests")
+            own_postgres.restart()
+            for log in logs:
+                wait_for(functools.partial(log.has, "executor lease lost"), what="the lease loss")
+            wait_for(lambda: request_count(tool) >= n, timeout=180, what="every request")
+            for log in logs:
+                wait_for(
+                    functools.partial(log.has, "executor lease re-acquired"),
+                    what="the lease back",
+                )
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+            for w in workers:
+                w.communicate(timeout=60)
+        calls = list(provider.calls)
+    errs = [log.text() for log in logs]
+    for w, err in zip(workers, errs, strict=True):
+        assert w.returncode == 143, err
+        assert "Traceback" not in err
+    keys = Counter(c.key for c in calls)
+    twice = {k: v for k, v in keys.items() if v > 1}
+    assert not twice, f"called more than once: {twice}"
+    assert len(calls) == n
+    assert tool.scalar("SELECT count(*) FROM errors") == 0, tool.rows("SELECT message FROM errors")
+    assert tool.scalar("SELECT count(DISTINCT request_id) FROM accesses") == n
+    assert tool.scalar("SELECT count(*) FROM accesses") == n
+    assert set(keys) == {r[0] for r in tool.rows("SELECT request_id FROM accesses")}

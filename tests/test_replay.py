@@ -113,16 +113,17 @@ def test_a_late_start_goes_back_through_the_queue_without_calling(
     cli: Cli, runtime: Runtime, provider: FakeProvider
 ) -> None:
     [user] = cli.add_users(1)
-    real = workflows._seconds_since_start
+    real = workflows._attempt_state
     seen: list[str] = []
 
-    def first_start_is_late(workflow_id: str) -> float:
+    def first_start_is_late(workflow_id: str) -> tuple[float, bool]:
         # The real read of the start on the database's clock; the first try's thread is
         # taken to have been paused for 10 s after the limiter admitted it.
         seen.append(workflow_id)
-        return real(workflow_id) + (10.0 if len(seen) == 1 else 0.0)
+        since_start, owned = real(workflow_id)
+        return since_start + (10.0 if len(seen) == 1 else 0.0), owned
 
-    with mock.patch.object(workflows, "_seconds_since_start", first_start_is_late):
+    with mock.patch.object(workflows, "_attempt_state", first_start_is_late):
         _, rid = file_one(runtime, user)
     assert seen == [rid, f"{rid}.t2"]
     # The late try called nobody and spent no attempt: the next try is attempt 1 again.

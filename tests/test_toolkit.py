@@ -32,7 +32,14 @@ def test_every_listing_speaks_every_format(cli: Cli) -> None:
         ids = cli(*command, "-o", "ids").stdout.splitlines()
         assert ids == [str(row[id_field]) for row in as_json]
         table = cli(*command, "-o", "table")
-        assert table.exit_code == 0 and "┃" in table.stdout
+        assert table.exit_code == 0 and "───" in table.stdout
+        wide = cli(*command, "-o", "wide")
+        assert wide.exit_code == 0, wide.stderr
+        # Every ID whole, on one line, in both tables.
+        for row in as_json:
+            assert str(row[id_field]) in wide.stdout
+            if command != ["errors"]:  # an error's own ID is a wide column
+                assert str(row[id_field]) in table.stdout
         assert cli(*command, "-o", "yaml").exit_code == 2
         assert cli(*command, "--json", "-o", "ids").exit_code == 2
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from accessctl.errors import UsageError
 from accessctl.models import Access, AccessStatus, utcnow
-from accessctl.queries import MAX_LIMIT, iso_utc, parse_uuid
+from accessctl.queries import MAX_LIMIT, iso_utc
 
 TRANSITIONS: dict[AccessStatus, frozenset[AccessStatus]] = {
     AccessStatus.REQUESTED: frozenset(
@@ -39,7 +39,10 @@ def list_accesses(
     if status is not None:
         query = query.where(Access.status == parse_status(status))
     if user is not None:
-        query = query.where(Access.user_id == parse_uuid(user, "--user"))
+        from accessctl.idprefix import resolve_with
+        from accessctl.models import User
+
+        query = query.where(Access.user_id == resolve_with(engine, User.id, user, "--user"))
     query = query.order_by(Access.created_at.desc(), Access.id).limit(min(limit, MAX_LIMIT))
     with engine.connect() as conn:
         return [
@@ -57,11 +60,16 @@ def list_accesses(
 
 
 def transition(engine: sa.Engine, access_ids: list[str], target: AccessStatus) -> int:
-    """Move every given access to ``target``, or none (exit 2 naming the blocker)."""
-    ids = [parse_uuid(a, "access ID") for a in access_ids]
-    if not ids:
+    """Move every given access to ``target``, or none (exit 2 naming the blocker).
+    Returns how many distinct accesses moved: an ID given twice is one access."""
+    from accessctl.idprefix import hex_prefix, resolve
+
+    for text in access_ids:
+        hex_prefix(text, "access ID")  # refuse malformed IDs before opening a transaction
+    if not access_ids:
         raise UsageError("give at least one access ID")
     with engine.begin() as conn:
+        ids = list(dict.fromkeys(resolve(conn, Access.id, a, "access ID") for a in access_ids))
         rows = dict(
             conn.execute(sa.select(Access.id, Access.status).where(Access.id.in_(ids))).all()
         )

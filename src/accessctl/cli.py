@@ -23,6 +23,7 @@ import typer
 from typer.core import TyperCommand
 
 from accessctl import __version__
+from accessctl.clicore import AccessctlGroup, report_error
 from accessctl.errors import AccessctlError, ExitCode, UsageError
 from accessctl.settings import BOUNDS, Settings, resolve_settings
 
@@ -36,6 +37,7 @@ EXIT_CODES_HELP = (
 
 app = typer.Typer(
     name="accessctl",
+    cls=AccessctlGroup,
     help="File user access requests in bulk through durable, globally rate-limited DBOS "
     "workflows.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
@@ -57,9 +59,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    """One line on stderr; the caller raises the returned Exit."""
-    sys.stderr.write(f"accessctl: error: {message}\n")
-    sys.stderr.flush()
+    """One line on stderr (and, if the command was asked for JSON, a JSON error object on
+    stdout); the caller raises the returned Exit."""
+    report_error(message, code)
     return typer.Exit(code)
 
 
@@ -122,6 +124,7 @@ def main_callback(
         str | None,
         typer.Option(
             "--database-url",
+            metavar="URL",
             help="Database URL (sqlite:///PATH or postgresql+psycopg://...). "
             "[env: ACCESSCTL_DATABASE_URL]",
             show_default=False,
@@ -147,15 +150,21 @@ def main_callback(
     ] = None,
     log_format: Annotated[
         str | None,
-        typer.Option(help="json or console (default: json unless stderr is a terminal)."),
+        typer.Option(
+            metavar="json|console",
+            help="Log lines on stderr as JSON or for people (default: JSON unless stderr is "
+            "a terminal). [env: ACCESSCTL_LOG_FORMAT]",
+        ),
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="dbos-config.yaml to read. [env: ACCESSCTL_CONFIG]"),
+        typer.Option(
+            "--config", metavar="PATH", help="dbos-config.yaml to read. [env: ACCESSCTL_CONFIG]"
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
     no_color: Annotated[
-        bool, typer.Option("--no-color", help="No colour in tables (NO_COLOR is honoured too).")
+        bool, typer.Option("--no-color", help="No colour in tables. [env: NO_COLOR]")
     ] = False,
     version: Annotated[
         bool | None,
@@ -246,6 +255,8 @@ def _file(
     as_json: bool,
     retry_of: str | None = None,
     idempotency_keys: list[str | None] | None = None,
+    metrics_file: str | None = None,
+    job: str = "submit",
 ) -> None:
     from accessctl.batches import BatchRequest, enqueue_detached, run_attached
     from accessctl.render import print_json, print_summary
@@ -271,15 +282,18 @@ def _file(
 
     import structlog
 
+    from accessctl.metrics import recording_run, resolve_metrics_path
     from accessctl.progress import ProgressReporter
     from accessctl.runtime import executing_runtime
 
+    metrics_path = resolve_metrics_path(metrics_file, settings.metrics_file)
     structlog.contextvars.bind_contextvars(batch_id=request.batch_id)
     try:
         with (
             _signals() as (stop, reason),
             executing_runtime(settings) as runtime,
             ProgressReporter(runtime.settings.rate_limit) as reporter,
+            recording_run(metrics_path, runtime.engine, job=job) as record,
         ):
             summary = run_attached(
                 request,
@@ -291,6 +305,7 @@ def _file(
                 stop_reason=reason,
                 on_progress=reporter.update,
             )
+            record(summary)
     finally:
         structlog.contextvars.unbind_contextvars("batch_id")
     structlog.get_logger("accessctl").info("batch finished", **summary)
@@ -306,6 +321,7 @@ KeyOption = Annotated[
     str | None,
     typer.Option(
         "--key",
+        metavar="KEY",
         help="Idempotency key naming the batch (e.g. nightly-2026-11-28): the same key "
         "files one batch, however often or concurrently it runs.",
     ),
@@ -314,9 +330,23 @@ DetachOption = Annotated[
     bool, typer.Option("--detach", help="Enqueue and exit, printing the batch ID.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-file",
+        metavar="PATH",
+        help="Write Prometheus metrics to PATH at the end (node_exporter textfile "
+        "collector; written atomically). [env: ACCESSCTL_METRICS_FILE]",
+    ),
+]
 OutputOption = Annotated[
     str | None,
-    typer.Option("--output", "-o", help="table, json, jsonl or ids (one ID a line)."),
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="FORMAT",
+        help="table, wide (every column, nothing cut), json, jsonl or ids (one ID a line).",
+    ),
 ]
 
 
@@ -351,7 +381,12 @@ def _output(output: str | None, as_json: bool) -> str:
 
 FileOption = Annotated[
     str | None,
-    typer.Option("--file", "-f", help="Read user IDs from PATH, one per line ('-': stdin)."),
+    typer.Option(
+        "--file",
+        "-f",
+        metavar="PATH",
+        help="Read user IDs from PATH, one per line ('-': stdin).",
+    ),
 ]
 SkipInvalidOption = Annotated[
     bool,
@@ -362,19 +397,26 @@ SkipInvalidOption = Annotated[
 ]
 
 
-@app.command(epilog="Example: accessctl submit 3f0c...-... --key nightly-2026-11-28")
+@app.command(
+    epilog="Example: accessctl submit 3f0c9a52-6f1e-4a53-9d0a-1c2b3d4e5f60 --key nightly-2026-11-28"
+)
 @handles_errors
 def submit(
     ctx: typer.Context,
     user_ids: Annotated[
         list[str] | None,
-        typer.Argument(help="User IDs (UUIDs); '-' reads stdin. Default: the configured IDs."),
+        typer.Argument(
+            metavar="USER_ID...",
+            help="User IDs (UUIDs); '-' reads stdin. Default: the configured IDs "
+            "(ACCESSCTL_DEFAULT_USERS).",
+        ),
     ] = None,
     file: FileOption = None,
     key: KeyOption = None,
     skip_invalid: SkipInvalidOption = False,
     detach: DetachOption = False,
     as_json: JsonOption = False,
+    metrics_file: MetricsOption = None,
 ) -> None:
     """File one batch: an access request for each given user.
 
@@ -395,7 +437,15 @@ def submit(
             f"{len(parsed.user_ids)} requests exceed the maximum batch of {settings.max_batch} "
             "(ACCESSCTL_MAX_BATCH)"
         )
-    _file(settings, parsed.user_ids, parsed.invalid, key, detach=detach, as_json=as_json)
+    _file(
+        settings,
+        parsed.user_ids,
+        parsed.invalid,
+        key,
+        detach=detach,
+        as_json=as_json,
+        metrics_file=metrics_file,
+    )
 
 
 _NEGATIVE_NUMBER = re.compile(r"-\d[\d.,_]*(?:[eE][+-]?\d+)?")
@@ -427,19 +477,23 @@ class _CountCommand(TyperCommand):
         return super().parse_args(ctx, args)
 
 
-@app.command(cls=_CountCommand, epilog="Example: accessctl batch 40 --user 3f0c...-... --json")
+@app.command(
+    cls=_CountCommand,
+    epilog="Example: accessctl batch 40 --user 3f0c9a52-6f1e-4a53-9d0a-1c2b3d4e5f60 --json",
+)
 @handles_errors
 def batch(
     ctx: typer.Context,
     count: Annotated[str, typer.Argument(metavar="N", help="Number of requests to file.")],
     users: Annotated[
         list[str] | None,
-        typer.Option("--user", "-u", help="User ID to cycle over (repeatable)."),
+        typer.Option("--user", "-u", metavar="USER_ID", help="User ID to cycle over (repeatable)."),
     ] = None,
     file: FileOption = None,
     key: KeyOption = None,
     detach: DetachOption = False,
     as_json: JsonOption = False,
+    metrics_file: MetricsOption = None,
 ) -> None:
     """File one batch of N requests, cycling over the default IDs (or --user / --file)."""
     from accessctl.inputs import collect_user_ids, parse_count, parse_key
@@ -450,11 +504,29 @@ def batch(
     args = list(users or [])
     if not args and file is None:
         args = list(settings.default_users)
-    parsed = collect_user_ids(args, file, sys.stdin, skip_invalid=False)
+    try:
+        parsed = collect_user_ids(args, file, sys.stdin, skip_invalid=False)
+    except UsageError as exc:
+        # `batch` has no --skip-invalid: point at what it does have.
+        message = exc.message.split(" (use --skip-invalid", 1)[0]
+        if message != exc.message:
+            message += " (batch files only valid IDs; `submit --skip-invalid` records bad ones)"
+        if users:  # its "arguments" are --user values: say so
+            message = re.sub(r"\bargument (\d+):", r"--user \1:", message)
+        raise UsageError(message) from None
     if not parsed.user_ids:
         raise UsageError("no user IDs to cycle over")
     cycled = [parsed.user_ids[i % len(parsed.user_ids)] for i in range(n)]
-    _file(settings, cycled, [], key, detach=detach, as_json=as_json)
+    _file(
+        settings,
+        cycled,
+        [],
+        key,
+        detach=detach,
+        as_json=as_json,
+        metrics_file=metrics_file,
+        job="batch",
+    )
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -464,11 +536,15 @@ def batch(
 @handles_errors
 def errors(
     ctx: typer.Context,
-    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch ID.")] = None,
-    since: Annotated[
-        str | None, typer.Option(help="Only newer than a duration (30m, 2h, 7d) or ISO time.")
+    batch: Annotated[
+        str | None,
+        typer.Option("--batch", metavar="BATCH_ID", help="Only this batch (ID or unique prefix)."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 50,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="WHEN", help="Only newer than a duration (30m, 2h, 7d) or ISO time."),
+    ] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 50,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -485,12 +561,15 @@ def errors(
     )
 
 
-@app.command(epilog="Example: accessctl status --json")
+@app.command(epilog="Example: accessctl status a07ff062 --json   # a unique prefix is enough")
 @handles_errors
 def status(
     ctx: typer.Context,
     batch_id: Annotated[
-        str | None, typer.Argument(help="Batch ID (default: the newest batch).")
+        str | None,
+        typer.Argument(
+            metavar="BATCH_ID", help="Batch ID or unique prefix (default: the newest batch)."
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -528,7 +607,7 @@ def config(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @handles_errors
 def batches(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 20,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 20,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -551,44 +630,48 @@ def batches(
     )
 
 
-@app.command(epilog="Example: accessctl retry 5769fa06-... --dry-run")
+@app.command(epilog="Example: accessctl retry 5769fa06 --dry-run")
 @handles_errors
 def retry(
     ctx: typer.Context,
-    batch_id: Annotated[str, typer.Argument(help="The batch whose failed requests to re-file.")],
+    batch_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="BATCH_ID",
+            help="The batch whose failed requests to re-file (ID or unique prefix).",
+        ),
+    ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be retried; file nothing.")
     ] = False,
     key: KeyOption = None,
     detach: DetachOption = False,
     as_json: JsonOption = False,
+    output: OutputOption = None,
+    metrics_file: MetricsOption = None,
 ) -> None:
     """File a new batch from a batch's failed requests, linked to it. Running it twice
-    files one retry batch (its key defaults to retry-of-BATCH_ID)."""
+    files one retry batch (its key defaults to retry-of-BATCH_ID). A batch with nothing to
+    retry is a usage error (exit 2), with or without --dry-run."""
+    from accessctl.idprefix import resolve_with
     from accessctl.inputs import parse_key
-    from accessctl.queries import failed_requests, parse_uuid
-    from accessctl.render import emit, print_table
+    from accessctl.models import Batch
+    from accessctl.queries import failed_requests, nothing_to_retry
+    from accessctl.render import emit, print_retry_plan
     from accessctl.runtime import database
 
     settings = _settings(ctx)
-    source = str(parse_uuid(batch_id, "batch ID"))
-    key = parse_key(key) or f"retry-of-{source}"
+    fmt = _output(output, as_json)
+    key = parse_key(key)
     with database(settings) as engine:
+        source = str(resolve_with(engine, Batch.id, batch_id, "batch ID"))
         failed = failed_requests(engine, source)
+        if not failed:
+            raise UsageError(nothing_to_retry(engine, source))
+    key = key or f"retry-of-{source}"
     if dry_run:
-        emit(
-            failed,
-            "json" if as_json else "table",
-            id_field="user_id",
-            table=lambda rows: print_table(
-                f"{len(rows)} request(s) would be retried",
-                ["user", "error class", "error"],
-                [(r["user_id"], r["error_class"], r["error_id"]) for r in rows],
-            ),
-        )
+        emit(failed, fmt, id_field="user_id", table=print_retry_plan)
         return
-    if not failed:
-        raise UsageError(f"batch {source} has no failed requests to retry")
     _file(
         settings,
         [r["user_id"] for r in failed],
@@ -599,6 +682,8 @@ def retry(
         retry_of=source,
         # A request the provider may have filed is re-sent under its original key.
         idempotency_keys=[r["idempotency_key"] for r in failed],
+        metrics_file=metrics_file,
+        job="retry",
     )
 
 
@@ -607,7 +692,10 @@ def retry(
 def prune(
     ctx: typer.Context,
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Age to keep, e.g. 30d, 12h, or an ISO date.")
+        str,
+        typer.Option(
+            "--older-than", metavar="AGE", help="Age to keep, e.g. 30d, 12h, or an ISO date."
+        ),
     ],
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count what would be removed; remove nothing.")
@@ -635,23 +723,26 @@ def prune(
         print_mapping("would remove" if dry_run else "removed", removed)
 
 
-@app.command(epilog="Example: accessctl cancel 5769fa06-4bd0-4c59-9f0a-0c7e8e8d2b11")
+@app.command(epilog="Example: accessctl cancel 5769fa06")
 @handles_errors
 def cancel(
     ctx: typer.Context,
-    batch_id: Annotated[str, typer.Argument(metavar="BATCH_ID", help="The batch to stop.")],
+    batch_id: Annotated[
+        str, typer.Argument(metavar="BATCH_ID", help="The batch to stop (ID or unique prefix).")
+    ],
     as_json: JsonOption = False,
 ) -> None:
     """Stop a batch: none of its requests starts any more, the ones in flight finish, and
     each one that never started is recorded as Cancelled (so `retry` can file it again)."""
     from accessctl.cancel import cancel_batch
-    from accessctl.queries import parse_uuid
+    from accessctl.idprefix import resolve_with
+    from accessctl.models import Batch
     from accessctl.render import print_json, print_mapping
     from accessctl.runtime import database, filing_client
 
     settings = _settings(ctx)
-    source = str(parse_uuid(batch_id, "batch ID"))
     with database(settings) as engine:
+        source = str(resolve_with(engine, Batch.id, batch_id, "batch ID"))
         client = filing_client(settings, engine)
         try:
             result = cancel_batch(client, engine, source)
@@ -707,28 +798,56 @@ def migrate(ctx: typer.Context, as_json: JsonOption = False) -> None:
         typer.echo(f"schema at head (revision {head}); shared limit {shared.describe()}")
 
 
-@app.command(epilog="Example: accessctl worker --burst   # from cron: drain, then exit")
+@app.command(
+    epilog="Example: accessctl worker --burst --metrics-file /var/lib/node_exporter/accessctl.prom"
+)
 @handles_errors
 def worker(
     ctx: typer.Context,
     burst: Annotated[
         bool, typer.Option("--burst", help="Exit once the queue is empty (for cron).")
     ] = False,
+    metrics_file: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-file",
+            metavar="PATH",
+            help="Rewrite Prometheus metrics at PATH every 15 s and when stopping "
+            "(node_exporter textfile collector). [env: ACCESSCTL_METRICS_FILE]",
+        ),
+    ] = None,
 ) -> None:
     """Drain the queue until stopped: the scale-out unit. Any number of workers on any
-    number of hosts share one Postgres and one global rate limit."""
+    number of hosts share one Postgres and one global rate limit.
+
+    Logs each batch it takes up, its progress every 10 s, its end with counts, and a
+    summary when it stops. SIGINT/SIGTERM stop it (exit 130/143) after in-flight requests
+    finish; queued work stays for other workers."""
     import structlog
 
-    from accessctl.errors import Interrupted
+    from accessctl.metrics import resolve_metrics_path
     from accessctl.runtime import executing_runtime
-    from accessctl.worker import run_worker
+    from accessctl.worker import WorkerReport, run_worker
 
     settings = _settings(ctx)
+    metrics_path = resolve_metrics_path(metrics_file, settings.metrics_file)
     with _signals() as (stop, reason), executing_runtime(settings) as runtime:
-        structlog.get_logger("accessctl").info("worker started", executor=runtime.executor_id)
-        run_worker(runtime, stop, burst=burst)
+        structlog.get_logger("accessctl").info(
+            "worker started", executor=runtime.executor_id, burst=burst
+        )
+        report = WorkerReport(runtime, metrics_file=metrics_path)
+        try:
+            run_worker(runtime, stop, burst=burst, on_poll=report.poll)
+        finally:
+            report.close(stopped=stop.is_set())
     if stop.is_set():
-        raise Interrupted("worker stopped; queued work stays for other workers", reason())
+        # A signal is how a worker is meant to stop: an info line, not an error, and the
+        # documented exit code (130/143).
+        code = int(reason())
+        structlog.get_logger("accessctl").info(
+            "worker stopped; queued work stays for other workers", exit_code=code
+        )
+        raise typer.Exit(code)
 
 
 # --- the shared limit -------------------------------------------------------------------------
@@ -827,9 +946,11 @@ def limit_set(
 @handles_errors
 def users_add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Option(help="Display name.")],
-    email: Annotated[str, typer.Option(help="Email address (unique).")],
-    user_id: Annotated[str | None, typer.Option("--id", help="Use this UUID.")] = None,
+    name: Annotated[str, typer.Option(metavar="NAME", help="Display name.")],
+    email: Annotated[str, typer.Option(metavar="EMAIL", help="Email address (unique).")],
+    user_id: Annotated[
+        str | None, typer.Option("--id", metavar="UUID", help="Use this UUID.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Add one user and print its ID."""
@@ -874,7 +995,7 @@ def users_import(
 @handles_errors
 def users_list(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 100,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -893,10 +1014,14 @@ def users_list(
 def accesses_list(
     ctx: typer.Context,
     status: Annotated[
-        str | None, typer.Option(help="requested, approved, rejected or canceled.")
+        str | None,
+        typer.Option(metavar="STATUS", help="requested, approved, rejected or canceled."),
     ] = None,
-    user: Annotated[str | None, typer.Option("--user", help="Only this user ID.")] = None,
-    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1)] = 100,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", metavar="USER_ID", help="Only this user (ID or unique prefix)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(metavar="N", help="Show at most this many.", min=1)] = 100,
     as_json: JsonOption = False,
     output: OutputOption = None,
 ) -> None:
@@ -923,24 +1048,27 @@ def _transition(ctx: typer.Context, access_ids: list[str], target: str) -> None:
     typer.echo(f"{changed} access(es) now {target}")
 
 
-AccessIds = Annotated[list[str], typer.Argument(metavar="ACCESS_ID...", help="Access IDs.")]
+AccessIds = Annotated[
+    list[str],
+    typer.Argument(metavar="ACCESS_ID...", help="Access IDs, or unique prefixes of them."),
+]
 
 
-@accesses_app.command("approve", epilog="Example: accessctl accesses approve 6f1e...")
+@accesses_app.command("approve", epilog="Example: accessctl accesses approve 6f1e2d3c 9b2e4d6f")
 @handles_errors
 def accesses_approve(ctx: typer.Context, access_ids: AccessIds) -> None:
     """Approve requested accesses (all or none)."""
     _transition(ctx, access_ids, "approved")
 
 
-@accesses_app.command("reject", epilog="Example: accessctl accesses reject 6f1e...")
+@accesses_app.command("reject", epilog="Example: accessctl accesses reject 6f1e2d3c")
 @handles_errors
 def accesses_reject(ctx: typer.Context, access_ids: AccessIds) -> None:
     """Reject requested accesses (all or none)."""
     _transition(ctx, access_ids, "rejected")
 
 
-@accesses_app.command("cancel", epilog="Example: accessctl accesses cancel 6f1e...")
+@accesses_app.command("cancel", epilog="Example: accessctl accesses cancel 6f1e2d3c")
 @handles_errors
 def accesses_cancel(ctx: typer.Context, access_ids: AccessIds) -> None:
     """Cancel requested or approved accesses (all or none)."""

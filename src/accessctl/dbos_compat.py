@@ -43,6 +43,16 @@ adoption               Requeuing a dead executor's PENDING work    test_faults.p
 adoption``)            does at launch, for its own executor ID     runs once)
                        only; there is no public call for another
                        executor's work.
+dequeue gate           A process whose lease is lost must start    test_lease.py::
+(``gate_dequeue``)     nothing until it is back; DBOS cannot       test_dequeue_gate_*;
+                       pause a launched process's dequeuing        test_faults.py::test_database_
+                       (``listen_queues`` is before launch only;   restart_runs_every_request_
+                       stopping queue threads is for good).        once
+execution token        Before a provider call, a request checks    test_lease.py::test_a_
+(``execution_token``)  it still owns its workflow (it may have     replaced_execution_does_not_
+                       been adopted while its lease was lost);     call; every provider test
+                       DBOS keeps the token in a context variable
+                       with no public accessor.
 =====================  ==========================================  =============================
 
 Importing this module imports nothing of DBOS: the CLI's ``--help`` stays light.
@@ -51,11 +61,12 @@ Importing this module imports nothing of DBOS: the CLI's ``--help`` stays light.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from accessctl.errors import ConfigError
@@ -260,6 +271,48 @@ def bulk_enqueue(
             for s in statuses
         ],
     )
+
+
+# --- the lease fence ----------------------------------------------------------------------
+
+
+def gate_dequeue(allowed: Callable[[], bool]) -> None:
+    """Make DBOS's queue threads claim nothing while ``allowed()`` is false.
+
+    Every claim of a non-partitioned queue goes through
+    ``SystemDatabase.start_queued_workflows`` (``_queue.queue_worker_thread``), so answering
+    "nothing claimed" there pauses dequeuing, and it resumes by itself once ``allowed()``
+    is true again. Patched on the class, before launch, because the queue thread starts
+    inside ``DBOS.launch``; patching twice installs one gate."""
+    from dbos._sys_db import SystemDatabase
+
+    original: Any = getattr(SystemDatabase, "start_queued_workflows", None)
+    if not callable(original):
+        raise ConfigError(
+            f"DBOS {installed_dbos_version()} has no SystemDatabase.start_queued_workflows; "
+            "accessctl cannot pause dequeuing on it (see dbos_compat.py)"
+        )
+    if getattr(original, "_accessctl_gated", False):
+        return
+
+    @functools.wraps(original)
+    def gated(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not allowed():
+            return [], None  # claimed nothing, and no limit was the reason
+        return original(self, *args, **kwargs)
+
+    gated._accessctl_gated = True  # type: ignore[attr-defined]
+    SystemDatabase.start_queued_workflows = gated  # type: ignore[method-assign]
+
+
+def execution_token(workflow_id: str) -> str | None:
+    """The ownership token DBOS stamped on ``workflow_id``'s row (``owner_xid``) when this
+    thread's execution claimed it; recovery clears it, so a token no longer on the row
+    means the execution was replaced. DBOS refuses such an execution's writes, but not
+    its provider calls."""
+    from dbos._context import current_owner_xid
+
+    return current_owner_xid(workflow_id)
 
 
 # --- adoption -------------------------------------------------------------------------------

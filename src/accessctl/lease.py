@@ -1,6 +1,6 @@
 """Executor leases: who may execute, and whose pending work may be adopted.
 
-The policy (docs/operations.md, "Executors"):
+The policy (docs/operations.md, "Executors and leases"):
 
 * Every executing process (``submit``, ``batch``, ``worker``) runs under its own executor
   ID, ``HOST-PID-RANDOM``, never reused, and holds a lease on it for its lifetime: a
@@ -8,9 +8,16 @@ The policy (docs/operations.md, "Executors"):
   The operating system or the database server frees the lease when the process dies,
   however it dies.
 * DBOS only ever runs a workflow under one executor ID at a time. Pending work whose
-  executor's lease is free belongs to a dead process: any live executor adopts it (DBOS
-  re-enqueues it, so it starts again through the rate-limited queue) at launch and every
-  few seconds after. Work is never left stranded, and no two live processes run it.
+  executor's lease has stayed free for the adoption grace belongs to a dead process: any
+  live executor adopts it (DBOS re-enqueues it, so it starts again through the
+  rate-limited queue) and checks again every few seconds. Work is never left stranded,
+  and no two live processes run it.
+* A Postgres lease can also be lost by a live process: a database restart or a severed
+  connection ends its session. Such a process is *fenced*: from the moment its lease is
+  not confirmed within ``LEASE_FENCE_SEC`` it claims nothing from the queues and calls no
+  provider, until it has re-acquired the lease. Adopters wait out a grace longer than that
+  fence plus the longest provider call (``adoption_grace``), so a call the owner started
+  before it noticed the loss has ended before anyone else may start the same request.
 * Read-only commands (``errors``, ``status``, ``config``) hold no lease and adopt nothing.
 """
 
@@ -24,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,10 +44,33 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+# How often a process confirms that it still holds its lease (and re-acquires it if not).
+LEASE_CHECK_SEC = 1.0
+# A process starts work (claims from a queue, calls the provider) only while its lease was
+# confirmed this recently: three checks, so a busy host that delays one check does not
+# fence a healthy process, while a lost lease stops new work within this bound.
+LEASE_FENCE_SEC = 3.0
+# A failed re-acquire is tried again this many times per round, this far apart: another
+# process's adopter takes our lock for an instant whenever it probes whether it is free.
+ACQUIRE_TRIES = 3
+ACQUIRE_RETRY_SEC = 0.05
+
 
 def new_executor_id() -> str:
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# The lease this process executes under; the fence (``lease_confirmed``) reads it.
+_process_lease: Lease | None = None
+
+
+def lease_confirmed() -> bool:
+    """Whether this process may start work now: it holds an executor lease, confirmed
+    within ``LEASE_FENCE_SEC``. False with no lease (before acquire, after release): a
+    straggling thread of a process that has let its lease go must not call anyone."""
+    lease = _process_lease
+    return lease is not None and lease.confirmed()
 
 
 class Lease:
@@ -52,17 +83,34 @@ class Lease:
     def acquire(self) -> None:
         raise NotImplementedError
 
+    def confirmed(self) -> bool:
+        """Whether we hold our lease, as far as we checked recently enough to start work."""
+        raise NotImplementedError
+
     def is_free(self, other_id: str) -> bool:
         raise NotImplementedError
 
     def forget(self, other_id: str) -> None:
-        """Called after adopting ``other_id``'s work."""
+        """Called once ``other_id``'s work is adopted, or it has none left."""
 
     def release(self) -> None:
         raise NotImplementedError
 
     def keep_alive(self) -> None:
-        """Re-acquire the lease if it was lost (e.g. the database restarted)."""
+        """Confirm the lease, or re-acquire it if it was lost (e.g. the database restarted)."""
+
+    def adoption_grace(self, call_timeout: float | None) -> float:
+        """How long another executor's lease must stay free before its work is adopted."""
+        raise NotImplementedError
+
+    def _register(self) -> None:
+        global _process_lease
+        _process_lease = self
+
+    def _unregister(self) -> None:
+        global _process_lease
+        if _process_lease is self:
+            _process_lease = None
 
 
 class FileLease(Lease):
@@ -83,6 +131,17 @@ class FileLease(Lease):
         fd = os.open(self._path(self.executor_id), os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._fd = fd
+        self._register()
+
+    def confirmed(self) -> bool:
+        # The kernel holds an flock for as long as the descriptor is open: nothing but
+        # this process's own release (or death) can take it away.
+        return self._fd is not None
+
+    def adoption_grace(self, call_timeout: float | None) -> float:
+        # A free flock is proof that its process is dead (same host, no server between):
+        # there is no live owner to wait out.
+        return 0.0
 
     def is_free(self, other_id: str) -> bool:
         try:
@@ -102,6 +161,7 @@ class FileLease(Lease):
             self._path(other_id).unlink()
 
     def release(self) -> None:
+        self._unregister()
         if self._fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._path(self.executor_id).unlink()
@@ -111,14 +171,39 @@ class FileLease(Lease):
 
 class AdvisoryLease(Lease):
     """Postgres: a session advisory lock keyed by the executor ID, on a connection held
-    for the process's lifetime. The server frees it when the session ends."""
+    for the process's lifetime. The server frees it when the session ends, which a
+    database restart or a severed connection does to a live process too: hence the
+    fence (``confirmed``) and the adopter's grace.
+
+    When it finds another executor's lock free, it keeps that lock (on our lease
+    connection) until it has adopted the work or the work is gone. A free sighting is
+    therefore continuous by construction: the owner cannot come back between two
+    sightings, start work unseen and lose its lease again."""
 
     _KEY = "hashtextextended(:id, 7)"
+    # Whether this session holds the advisory lock on :id (a bigint key is stored as
+    # classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+    _HELD = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND pid = pg_backend_pid() AND objsubid = 1 "
+        f"AND classid::bigint = (({_KEY} >> 32) & 4294967295) "
+        f"AND objid::bigint = ({_KEY} & 4294967295)"
+    )
 
-    def __init__(self, engine: sa.Engine, executor_id: str) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        executor_id: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(engine, executor_id)
         self._conn: sa.Connection | None = None
         self._lock = threading.Lock()
+        self._clock = clock
+        self._confirmed_at: float | None = None
+        self._lost_at: float | None = None
+        self._held_others: set[str] = set()  # other executors' locks we are holding
 
     def _try_lock(self, conn: sa.Connection, executor_id: str) -> bool:
         import sqlalchemy as sa
@@ -129,51 +214,141 @@ class AdvisoryLease(Lease):
         conn.commit()
         return bool(got)
 
+    def _lock_on_new_session(self) -> bool:
+        """Open the lease connection and take our lock on it (caller holds ``_lock``)."""
+        conn = self.engine.connect()
+        try:
+            for attempt in range(ACQUIRE_TRIES):
+                if self._try_lock(conn, self.executor_id):
+                    self._conn = conn
+                    self._confirmed_at = self._clock()
+                    return True
+                if attempt + 1 < ACQUIRE_TRIES:
+                    time.sleep(ACQUIRE_RETRY_SEC)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        conn.close()
+        return False
+
+    def _lose(self, reason: str) -> None:
+        """Our session, and every lock on it, is gone (caller holds ``_lock``): fenced from
+        now until ``keep_alive`` re-acquires the lease."""
+        self._drop()
+        self._lost_at = self._clock()
+        log.warning(
+            "executor lease lost; starting no work until it is re-acquired",
+            executor=self.executor_id,
+            reason=reason,
+        )
+
+    def _drop(self) -> None:
+        """Forget the lease connection (caller holds ``_lock``). Invalidated, so that the
+        pool never hands a session without our lock back to anyone as if it had it."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+        self._confirmed_at = None
+        self._held_others.clear()
+
     def acquire(self) -> None:
         with self._lock:
-            conn = self.engine.connect()
-            if not self._try_lock(conn, self.executor_id):
-                conn.close()
+            if not self._lock_on_new_session():
                 raise RuntimeError(f"executor ID {self.executor_id} is leased by another process")
-            self._conn = conn
+        self._register()
+
+    def confirmed(self) -> bool:
+        at = self._confirmed_at
+        return at is not None and self._clock() - at <= LEASE_FENCE_SEC
+
+    def adoption_grace(self, call_timeout: float | None) -> float:
+        # The owner stops starting calls within LEASE_FENCE_SEC of losing its lease; a
+        # call it started just before may last the provider's timeout; two more checks
+        # leave it time to checkpoint that call's answer. Only then may another process
+        # start the request again. (It covers re-acquiring too: the owner retries every
+        # LEASE_CHECK_SEC.)
+        return LEASE_FENCE_SEC + (call_timeout or 0.0) + 2 * LEASE_CHECK_SEC
 
     def keep_alive(self) -> None:
         import sqlalchemy as sa
-        from sqlalchemy.exc import DBAPIError
 
         with self._lock:
             if self._conn is not None:
+                reason = "lock not held by our session"
                 try:
-                    self._conn.execute(sa.text("SELECT 1"))
+                    # Not just "SELECT 1": SQLAlchemy silently reconnects an invalidated
+                    # connection on its next use, and a new session holds no lock.
+                    held = self._conn.execute(
+                        sa.text(self._HELD), {"id": self.executor_id}
+                    ).scalar()
                     self._conn.commit()
-                    return
-                except DBAPIError:
-                    with contextlib.suppress(Exception):
-                        self._conn.invalidate()
-                        self._conn.close()
-                    self._conn = None
-                    log.warning("executor lease lost; re-acquiring", executor=self.executor_id)
-        with contextlib.suppress(DBAPIError):
-            self.acquire()
+                    if held:
+                        self._confirmed_at = self._clock()
+                        return
+                except Exception as exc:
+                    reason = type(exc).__name__
+                self._lose(reason)
+            try:
+                got = self._lock_on_new_session()
+            except Exception as exc:  # the database is still away: next round
+                log.debug("executor lease not re-acquired", error=type(exc).__name__)
+                return
+            if not got:
+                # Another process's adopter holds it: it judged us dead, and releases it
+                # once it has adopted our pending work. Until then we stay fenced.
+                log.debug("executor lease held by another process; retrying")
+                return
+            lost_for = self._clock() - self._lost_at if self._lost_at is not None else 0.0
+            self._lost_at = None
+        log.warning(
+            "executor lease re-acquired; starting work again",
+            executor=self.executor_id,
+            lost_for_sec=round(lost_for, 1),
+        )
 
     def is_free(self, other_id: str) -> bool:
+        with self._lock:
+            if self._conn is None or not self.confirmed():
+                return False  # without our own lease we judge nobody
+            if other_id in self._held_others:
+                return True  # ours since we first saw it free: it has stayed free
+            try:
+                got = self._try_lock(self._conn, other_id)
+            except Exception as exc:
+                self._lose(type(exc).__name__)  # our session, and the locks it held
+                raise
+            if got:
+                self._held_others.add(other_id)
+            return got
+
+    def forget(self, other_id: str) -> None:
         import sqlalchemy as sa
 
         with self._lock:
-            if self._conn is None:
-                return False  # without our own lease we judge nobody
-            if not self._try_lock(self._conn, other_id):
-                return False
-            self._conn.execute(sa.text(f"SELECT pg_advisory_unlock({self._KEY})"), {"id": other_id})
-            self._conn.commit()
-            return True
+            if other_id not in self._held_others or self._conn is None:
+                return
+            self._held_others.discard(other_id)
+            try:
+                self._conn.execute(
+                    sa.text(f"SELECT pg_advisory_unlock({self._KEY})"), {"id": other_id}
+                )
+                self._conn.commit()
+            except Exception as exc:
+                self._lose(type(exc).__name__)
 
     def release(self) -> None:
+        self._unregister()
         with self._lock:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._conn.close()
-                self._conn = None
+            self._conn = None
+            self._confirmed_at = None
+            self._held_others.clear()
 
 
 def make_lease(engine: sa.Engine, executor_id: str) -> Lease:
@@ -181,6 +356,26 @@ def make_lease(engine: sa.Engine, executor_id: str) -> Lease:
     return (
         FileLease(engine, executor_id) if is_sqlite_url(url) else AdvisoryLease(engine, executor_id)
     )
+
+
+def gate_dequeue_on_lease() -> None:
+    """Make DBOS's queue threads claim nothing while this process's lease is not confirmed
+    (dbos_compat.gate_dequeue): a fenced process spends no limiter slot on work it may not
+    do. The provider-call fence in ``workflows.call_provider_step`` is what keeps calls
+    exactly once. Proven by tests/test_lease.py (``test_dequeue_gate_*``) and, against a
+    real database restart, tests/test_faults.py::test_database_restart_runs_every_request_once."""
+    from accessctl.dbos_compat import gate_dequeue
+
+    gate_dequeue(lease_confirmed)
+
+
+def execution_token(workflow_id: str) -> str | None:
+    """The ownership token of this thread's execution of ``workflow_id``
+    (dbos_compat.execution_token): an execution whose token is no longer on the row has
+    been replaced, e.g. adopted while this process had lost its lease."""
+    from accessctl.dbos_compat import execution_token as token
+
+    return token(workflow_id)
 
 
 def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
@@ -199,7 +394,10 @@ def pending_executors(engine: sa.Engine, app_version: str) -> list[str]:
 
 
 class Adopter:
-    """Adopts the pending work of dead executors, at start and every ``interval`` s.
+    """Adopts the pending work of dead executors: every ``interval`` s it looks at each
+    executor with pending work, and adopts it once that executor's lease has been free at
+    every look for at least ``grace`` s (any look that finds it held starts over). A
+    second thread confirms our own lease every ``LEASE_CHECK_SEC`` s (``keep_alive``).
 
     A request that was running when its process died may already have called downstream,
     and DBOS clears its start time when it re-enqueues it. Re-enqueuing it only once that
@@ -214,14 +412,49 @@ class Adopter:
         limited_queue: str,
         period: float | None,
         interval: float = 2.0,
+        grace: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lease = lease
         self.app_version = app_version
         self.limited_queue = limited_queue
         self.period_ms = int(period * 1000) if period else 0
         self.interval = min(interval, period) if period else interval
+        self.grace = grace
+        self._clock = clock
+        self._free_since: dict[str, float] = {}  # executor -> first of its unbroken free looks
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="accessctl-adopter", daemon=True)
+        self._keeper = threading.Thread(target=self._keep, name="accessctl-lease", daemon=True)
+
+    def due(self, executor_ids: list[str]) -> list[str]:
+        """Of the executors with pending work, those whose lease has now been free at every
+        look for ``grace`` s. Executors no longer pending are forgotten."""
+        now = self._clock()
+        pending = set(executor_ids)
+        for gone in [e for e in self._free_since if e not in pending]:
+            del self._free_since[gone]
+            self.lease.forget(gone)
+        ready = []
+        for executor_id in executor_ids:
+            if executor_id == self.lease.executor_id:
+                continue
+            if not self.lease.is_free(executor_id):
+                if self._free_since.pop(executor_id, None) is not None:
+                    log.info(
+                        "executor lease held again; its work stays with it", executor=executor_id
+                    )
+                continue
+            first = self._free_since.setdefault(executor_id, now)
+            if now - first >= self.grace:
+                ready.append(executor_id)
+            elif first == now:
+                log.info(
+                    "executor lease free; adopting its work after the grace unless it returns",
+                    executor=executor_id,
+                    grace_sec=self.grace,
+                )
+        return ready
 
     def _orphans(self, executor_id: str) -> tuple[list[str], int]:
         """The dead executor's workflows ready to re-enqueue, and how many must wait."""
@@ -253,22 +486,24 @@ class Adopter:
         return ready, len(rows) - len(ready)
 
     def adopt_once(self) -> int:
-        from dbos._dbos import _get_dbos_instance
-        from dbos._recovery import _recover_workflow
-        from dbos._sys_db import GetPendingWorkflowsOutput
+        try:
+            due = self.due(pending_executors(self.lease.engine, self.app_version))
+        except Exception:
+            # We could not look: nobody has been seen free without a break any more.
+            self._free_since.clear()
+            raise
+        if not due:
+            return 0
+        from accessctl.dbos_compat import requeue_for_adoption
 
-        dbos = _get_dbos_instance()
         adopted = 0
-        for executor_id in pending_executors(self.lease.engine, self.app_version):
-            if executor_id == self.lease.executor_id or not self.lease.is_free(executor_id):
-                continue
+        for executor_id in due:
             ready, waiting = self._orphans(executor_id)
             for workflow_id in ready:
                 # What DBOS's own recovery does: back to its queue, restarted through it.
-                _recover_workflow(
-                    dbos, GetPendingWorkflowsOutput(workflow_id=workflow_id), [executor_id]
-                )
+                requeue_for_adoption(workflow_id, executor_id)
             if not waiting:
+                self._free_since.pop(executor_id, None)
                 self.lease.forget(executor_id)
             if ready:
                 log.info(
@@ -281,18 +516,43 @@ class Adopter:
         return adopted
 
     def start(self) -> None:
+        self._keeper.start()
         self.adopt_once()
         self._thread.start()
+
+    def _keep(self) -> None:
+        # The first check at once: launching DBOS since the acquire may have taken longer
+        # than the fence, and until a check confirms the lease nothing is dequeued.
+        while True:
+            try:
+                self.lease.keep_alive()
+            except Exception as exc:  # keep_alive handles database faults; never die here
+                self._report("executor lease check failed", exc)
+            if self._stop.wait(LEASE_CHECK_SEC):
+                return
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.lease.keep_alive()
                 self.adopt_once()
             except Exception as exc:  # a passing database fault: try again next round
-                log.warning("adoption round failed", error=type(exc).__name__)
+                self._report("adoption round failed", exc)
+
+    def _report(self, event: str, exc: Exception) -> None:
+        """A database fault passes (a warning); anything else may be DBOS drift, so it is
+        an error with its traceback: it must be seen, not retried in silence."""
+        from sqlalchemy.exc import DBAPIError
+
+        from accessctl.db import describe_db_error
+
+        detail = describe_db_error(exc, url=self.lease.engine.url)[:300]
+        if isinstance(exc, (DBAPIError, OSError)):
+            log.warning(event, error=type(exc).__name__, detail=detail)
+        else:
+            log.error(event, error=type(exc).__name__, detail=detail, exc_info=exc)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.interval + 5)
+        for thread in (self._thread, self._keeper):
+            if thread.is_alive():
+                thread.join(timeout=self.interval + 5)

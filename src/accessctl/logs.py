@@ -17,6 +17,31 @@ from accessctl.settings import LogFormat
 _HANDLER_NAME = "accessctl-stderr"
 
 
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _dbos_without_tracebacks(record: logging.LogRecord) -> bool:
+    """Keep tracebacks from DBOS's records off the operator's stream: DBOS 3.4 writes one
+    into a warning's text when its schedule poller loses the database (a restart), and
+    attaches one to some errors. The record keeps its first line and the exception's."""
+    if not record.name.startswith("dbos"):
+        return True
+    message = record.getMessage()
+    if _TRACEBACK in message:
+        head, _, trace = message.partition(_TRACEBACK)
+        lines = trace.strip().splitlines()
+        record.msg = " ".join(p for p in (head.strip(), lines[-1] if lines else "") if p)
+        record.args = None
+    if record.exc_info:
+        exc = record.exc_info[1]
+        if exc is not None:
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {str(exc)[:200]})"
+            record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 def configure_logging(
     fmt: LogFormat | None, *, level: int = logging.INFO, stream: TextIO | None = None
 ) -> None:
@@ -43,6 +68,7 @@ def configure_logging(
     )
     handler = logging.StreamHandler(stream)
     handler.name = _HANDLER_NAME
+    handler.addFilter(_dbos_without_tracebacks)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],

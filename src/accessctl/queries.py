@@ -63,7 +63,9 @@ def list_errors(
     limit = min(limit, MAX_LIMIT)
     query = sa.select(Error.id, Error.created_at, Error.message)
     if batch is not None:
-        query = query.where(Error.batch_id == parse_uuid(batch, "--batch"))
+        from accessctl.idprefix import resolve_with
+
+        query = query.where(Error.batch_id == resolve_with(engine, Batch.id, batch, "--batch"))
     if since is not None:
         query = query.where(Error.created_at >= parse_since(since))
     query = query.order_by(Error.created_at.desc(), Error.id.desc()).limit(limit)
@@ -92,7 +94,9 @@ def list_users(engine: sa.Engine, *, limit: int) -> list[dict[str, Any]]:
 
 def batch_status(engine: sa.Engine, batch_id: str | None) -> dict[str, Any]:
     """Progress and outcome of one batch (the newest when ``batch_id`` is None)."""
-    only = parse_uuid(batch_id, "batch ID") if batch_id is not None else None
+    from accessctl.idprefix import resolve_with
+
+    only = resolve_with(engine, Batch.id, batch_id, "batch ID") if batch_id is not None else None
     found = list_batches(engine, limit=1, only=only)
     if not found:
         raise UsageError(f"no batch with ID {only}" if only else "no batch has been filed yet")
@@ -237,8 +241,10 @@ def retry_key(message: dict[str, Any], request_id: str | None) -> str | None:
 def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
     """The failed requests of a batch that can be filed again (they name a user), each
     with the idempotency key its retry must send (``retry_key``)."""
-    bid = parse_uuid(batch_id, "batch ID")
+    from accessctl.idprefix import resolve
+
     with engine.connect() as conn:
+        bid = resolve(conn, Batch.id, batch_id, "batch ID")
         if conn.scalar(sa.select(Batch.id).where(Batch.id == bid)) is None:
             raise UsageError(f"no batch with ID {bid}")
         rows = conn.execute(
@@ -252,7 +258,25 @@ def failed_requests(engine: sa.Engine, batch_id: str) -> list[dict[str, Any]]:
             "user_id": r.message.get("user_id"),
             **{"error_class": r.message.get("error_class")},
             "idempotency_key": retry_key(r.message, r.request_id),
+            "detail": r.message.get("detail"),
         }
         for r in rows
         if isinstance(r.message, dict) and r.message.get("user_id")
     ]
+
+
+def nothing_to_retry(engine: sa.Engine, batch_id: str) -> str:
+    """Why ``retry`` has nothing to file for a batch, for its one-line error: no failures
+    at all, or only refused input lines, which name no user to file for."""
+    with engine.connect() as conn:
+        failures = conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(Error)
+            .where(Error.batch_id == uuid.UUID(batch_id))
+        )
+    if not failures:
+        return f"batch {batch_id} has no failed requests to retry"
+    return (
+        f"batch {batch_id} has nothing to retry: its {failures} failure(s) are refused "
+        "input lines (InvalidUserId), which name no user; fix the input and file it again"
+    )

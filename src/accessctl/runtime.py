@@ -175,7 +175,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
 
     from accessctl import workflows
     from accessctl.dbos_compat import check_dbos_version, serialize_sqlite_claims
-    from accessctl.lease import Adopter, make_lease, new_executor_id
+    from accessctl.lease import Adopter, gate_dequeue_on_lease, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
 
     # Each request in flight holds one connection at a time, DBOS's pollers, listener
@@ -205,6 +205,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         settings = following(settings, shared)
         if settings.is_sqlite:
             serialize_sqlite_claims()
+        gate_dequeue_on_lease()  # before launch: DBOS starts dequeuing inside it
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
         provider = provider_config(settings, shared)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
@@ -222,6 +223,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             workflows.WORKFLOW_VERSION,
             limited_queue=workflows.QUEUE_NAME,
             period=shared.window,
+            grace=lease.adoption_grace(provider.timeout if provider else None),
         )
         adopter.start()
         log.debug("runtime up", executor=executor_id, shared_limit=shared.describe())

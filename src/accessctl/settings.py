@@ -138,6 +138,7 @@ class Settings:
     provider_timeout: float = 10.0
     provider_max_attempts: int = 5
     provider_deadline: float = 300.0
+    metrics_file: Path | None = None  # Prometheus textfile, rewritten by runs and workers
     config_file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -165,6 +166,7 @@ class Settings:
             "provider_timeout": self.provider_timeout,
             "provider_max_attempts": self.provider_max_attempts,
             "provider_deadline": self.provider_deadline,
+            "metrics_file": str(self.metrics_file) if self.metrics_file else None,
             "config_file": str(self.config_file) if self.config_file else None,
             "sources": dict(self.sources),
         }
@@ -317,6 +319,7 @@ def resolve_settings(
             bounded("provider_max_attempts"),
         ),
         "provider_deadline": ("ACCESSCTL_PROVIDER_DEADLINE", bounded("provider_deadline")),
+        "metrics_file": ("ACCESSCTL_METRICS_FILE", lambda t, o: Path(t.strip()).expanduser()),
     }
     for name, (var, parse) in parsers.items():
         found = lookup(name, var)

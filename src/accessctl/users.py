@@ -62,8 +62,16 @@ def add_user(engine: sa.Engine, name: str, email: str, user_id: str | None) -> s
         raise UsageError(str(exc)) from None
     added, _ = _insert(engine, [user])
     if not added:
-        taken = f"email {user.email!r}" + (f" or id {user.id}" if user_id else "")
-        raise UsageError(f"a user with {taken} already exists")
+        # Say which of the two is taken: the operator fixes that one.
+        with engine.connect() as conn:
+            owner = conn.scalar(sa.select(User.id).where(User.email == user.email))
+            id_taken = conn.scalar(sa.select(User.id).where(User.id == user.id)) is not None
+        taken = []
+        if owner is not None:
+            taken.append(f"email {user.email!r} already belongs to user {owner}")
+        if id_taken:
+            taken.append(f"id {user.id} is already taken")
+        raise UsageError("; ".join(taken) or f"user {user.id} could not be added")
     return str(user.id)
 
 

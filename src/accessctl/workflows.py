@@ -270,9 +270,13 @@ def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
         return "ready" if user_exists else _add_unknown_user(conn, request_id, batch_id, user_id)
 
 
-def _seconds_since_start(workflow_id: str) -> float:
+def _attempt_state(workflow_id: str) -> tuple[float, bool]:
     """How long ago the limiter admitted this attempt, on the database's clock (the one
-    DBOS stamps starts with), so hosts' clock skew does not matter."""
+    DBOS stamps starts with, so hosts' clock skew does not matter), and whether this
+    execution still owns the workflow: once another executor has adopted it (after this
+    process lost its lease), DBOS refuses this execution's writes, but not its calls."""
+    from accessctl.lease import execution_token
+
     engine = _runtime().engine
     now_ms = (
         "CAST(strftime('%s','now') * 1000 AS INTEGER)"
@@ -280,11 +284,15 @@ def _seconds_since_start(workflow_id: str) -> float:
         else "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
     )
     sql = (
-        f"SELECT {now_ms} - started_at_epoch_ms FROM {dbos_table(engine)} WHERE workflow_uuid = :w"
+        f"SELECT {now_ms} - started_at_epoch_ms, owner_xid, status "
+        f"FROM {dbos_table(engine)} WHERE workflow_uuid = :w"
     )
     with engine.connect() as conn:
-        elapsed_ms = conn.execute(sa.text(sql), {"w": workflow_id}).scalar()
-    return (elapsed_ms or 0) / 1000
+        row = conn.execute(sa.text(sql), {"w": workflow_id}).one_or_none()
+    if row is None:
+        return 0.0, False
+    owned = row[2] == "PENDING" and row[1] is not None and row[1] == execution_token(workflow_id)
+    return (row[0] or 0) / 1000, owned
 
 
 @DBOS.step(name="accessctl.call_provider")
@@ -298,16 +306,32 @@ def call_provider_step(
     by ``call_slack`` and a call is only made within ``call_slack`` of its start, so any
     window of the configured period at the provider holds at most L calls. An attempt
     that comes too late does not call: it goes back through the queue (``"late"``)."""
+    from accessctl.lease import lease_confirmed
     from accessctl.provider import call_provider
 
+    late = {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
+    if not lease_confirmed():
+        # Our executor lease is lost (a database restart, a severed connection): another
+        # process may be about to adopt this very request, so calling now could call
+        # twice. Not calling spends no provider attempt; the next try goes through the
+        # queue again (docs/operations.md, "Executors and leases").
+        return late
     provider = _runtime().provider
     assert provider is not None
     workflow_id = DBOS.workflow_id
     assert workflow_id is not None
     # Half the slack at the check leaves the other half for the call to reach the
-    # provider (a busy host can pause a thread between the check and the send).
-    if _seconds_since_start(workflow_id) > provider.call_slack / 2:
-        return {"outcome": "late", "http_status": None, "retry_after": None, "detail": ""}
+    # provider (a busy host can pause a thread between the check and the send). The
+    # lease is checked again: reading the start time may have waited on the database.
+    try:
+        since_start, owned = _attempt_state(workflow_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return late  # the database is away (a restart): no telling whether it is in time
+    if since_start > provider.call_slack / 2 or not owned or not lease_confirmed():
+        # Not owned: an adopter runs this request now; DBOS will not record this answer.
+        return late
     return call_provider(
         provider,
         request_id=request_id,

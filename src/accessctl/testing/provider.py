@@ -34,6 +34,7 @@ class Call:
     batch_id: str | None
     authorization: bool  # whether a bearer token came; the token itself is never kept
     answered: int
+    finished: float = 0.0  # time.time() when the answer was sent (after any ``delay``)
 
 
 class _Server(ThreadingHTTPServer):
@@ -84,6 +85,7 @@ class FakeProvider:
     reject_users: set[str] = field(default_factory=set)  # answered 200 {"status": "rejected"}
     status_field: bool = True
     expected_token: str | None = None
+    delay: float = 0.0  # seconds every call is held before it is answered: a slow provider
     log: TextIO | None = None
     calls: list[Call] = field(default_factory=list)
     # Misbehave (see HOSTILE_MODES) on the first ``hostile_calls`` calls per key (every
@@ -247,8 +249,16 @@ class FakeProvider:
             self._misbehave(request)
             return
         status, payload, headers = self._answer(key, body.get("user_id"), token_ok)
+        if self.delay > 0:
+            time.sleep(self.delay)
         call = Call(
-            arrived, key, body.get("user_id"), body.get("batch_id"), auth is not None, status
+            arrived,
+            key,
+            body.get("user_id"),
+            body.get("batch_id"),
+            auth is not None,
+            status,
+            time.time(),
         )
         with self._lock:
             self.calls.append(call)
@@ -290,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refuse", action="append", default=[], help="user ID answered 400")
     parser.add_argument("--reject", action="append", default=[], help="user ID answered rejected")
     parser.add_argument("--token", default=None, help="require this bearer token")
+    parser.add_argument("--delay", type=float, default=0.0, help="hold every call this many s")
     parser.add_argument("--log", default=None, help="append call lines here (default stdout)")
     options = parser.parse_args(argv)
     log = open(options.log, "a", encoding="utf-8") if options.log else sys.stdout  # noqa: SIM115
@@ -301,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         refuse_users=set(options.refuse),
         reject_users=set(options.reject),
         expected_token=options.token,
+        delay=options.delay,
         log=log,
         hostile=options.hostile,
         hostile_calls=options.hostile_calls,
