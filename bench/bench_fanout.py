@@ -25,12 +25,11 @@ when it commits.
 * ``insert_probe``: the request rows written by DBOS's own bulk enqueue
   (``init_workflows``) against filing.py's single ``executemany`` statement, same rows.
 
-    uv run --group bench python bench/bench_fanout.py [--quick]
+    uv run --group bench python bench/run_all.py --only fanout [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sqlite3
 import time
@@ -548,13 +547,3 @@ def run(quick: bool = False) -> dict[str, Any]:
         "profiles": profiles,
         "insert_probe": inserts,
     }
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(args.quick)
-    for key in ("filing", "detach", "atomicity"):
-        for row in result[key]:
-            print(key, {k: v for k, v in row.items() if k not in ("rss_samples", "profile")})

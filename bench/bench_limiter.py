@@ -6,12 +6,11 @@ A backlog of N = 3L requests at L per P (10/2 and the default 50/30) through the
 starts in any real, half-open P-second window ``[t, t+P)``, and the span from the first to
 the last start against the ideal bound ``(N/L - 1)·P`` (L start at once, then L more every P).
 
-    uv run --group bench python bench/bench_limiter.py [--quick]
+    uv run --group bench python bench/run_all.py --only limiter [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import time
 from typing import Any
@@ -134,12 +133,3 @@ def run(quick: bool = False) -> dict[str, Any]:
         for kind in kinds
     ]
     return {"runs": runs, "summary": summary, "probes": probes}
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(args.quick)
-    for row in result["summary"]:
-        print(row)

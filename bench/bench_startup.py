@@ -7,12 +7,11 @@
   of the exact statement the command issues (captured from ``accessctl.queries``);
 * ``accessctl submit`` of the four default IDs on a fresh embedded database, end to end.
 
-    uv run --group bench python bench/bench_startup.py [--quick]
+    uv run --group bench python bench/run_all.py --only startup [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sqlite3
@@ -418,10 +417,3 @@ def run(quick: bool = False) -> dict[str, Any]:
     out["submit"] = submit_fresh(3 if quick else 5)
     out["submit"]["phases"] = submit_phases()
     return out
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(args.quick), indent=2))

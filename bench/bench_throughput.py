@@ -20,12 +20,11 @@ and, in separate runs (N/5), a py-spy profile of worker 0 with 1, 2 and 4 worker
 its first recorded request on (py-spy's own CPU time is recorded: ~10% of a core at 50 Hz,
 too much to hide in the measured runs), and one worker with ``ACCESSCTL_CONCURRENCY=20``.
 
-    uv run --group bench python bench/bench_throughput.py [--quick]
+    uv run --group bench python bench/run_all.py --only throughput [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import time
@@ -455,12 +454,3 @@ def run(quick: bool = False) -> dict[str, Any]:
         "probes": probes,
         "summary": summary,
     }
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    result = run(args.quick)
-    for row in result["summary"]:
-        print({k: v for k, v in row.items() if k != "profile"})

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -620,12 +620,3 @@ def versions() -> dict[str, str]:
 
 def save_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-@dataclass
-class Section:
-    """What one benchmark hands the report: its raw results plus notes."""
-
-    name: str
-    data: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0

@@ -1,9 +1,10 @@
-"""Run every benchmark and write BENCHMARKS.md, bench/limiter.png and bench/results.json.
+"""Run every benchmark, write bench/results.json and bench/limiter.png, and regenerate
+BENCHMARKS.md's tables (its prose is edited by hand: bench/tables.py).
 
     uv run --group bench python bench/run_all.py            # everything (~25 min)
     uv run --group bench python bench/run_all.py --quick    # smaller sizes (~7 min)
     uv run --group bench python bench/run_all.py --only limiter,startup
-    uv run --group bench python bench/run_all.py --report-only   # re-render from results.json
+    uv run --group bench python bench/run_all.py --report-only   # tables and plot only
 
 Postgres: ACCESSCTL_BENCH_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/
 postgres); the benchmarks create and drop their own ``accessctl_bench_*`` databases. Without
@@ -23,7 +24,7 @@ import bench_fanout
 import bench_limiter
 import bench_startup
 import bench_throughput
-import report
+import tables
 from common import BENCH, LOG_DIR, ROOT, load_average, log, machine_facts, save_json, versions
 
 SECTIONS = {
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer runs")
     parser.add_argument("--only", default="", help="comma-separated: " + ",".join(SECTIONS))
-    parser.add_argument("--report-only", action="store_true", help="re-render from results.json")
+    parser.add_argument(
+        "--report-only", action="store_true", help="regenerate tables and plot from results.json"
+    )
     args = parser.parse_args(argv)
 
     if args.report_only:
@@ -77,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     plot = BENCH / "limiter.png"
     if "limiter" in results["sections"]:
-        report.plot_limiter(results["sections"]["limiter"], plot)
-    (ROOT / "BENCHMARKS.md").write_text(report.render(results, plot.relative_to(ROOT)))
-    log(f"wrote {ROOT / 'BENCHMARKS.md'}, {plot}, {RESULTS}")
+        tables.plot_limiter(results["sections"]["limiter"], plot)
+    doc = ROOT / "BENCHMARKS.md"
+    doc.write_text(tables.render(doc.read_text(encoding="utf-8"), results), encoding="utf-8")
+    log(f"wrote {RESULTS}, {plot} and the tables of {doc}: now edit its prose to match")
     return 0
 
 

@@ -28,6 +28,9 @@ POSTGRES_URL = os.environ.get("ACCESSCTL_TEST_POSTGRES_URL", "").strip()
 FAST_LIMIT = "5/0.5"
 SEED = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(4)]
 ACCESSCTL_BIN = str(Path(sys.executable).parent / "accessctl")
+# For a child whose start-up timing is the test's subject: under coverage (CI), every
+# Python child would otherwise first start coverage.py (which also imports sqlite3).
+UNMEASURED = {"COVERAGE_PROCESS_CONFIG": ""}
 
 
 @pytest.fixture(autouse=True)

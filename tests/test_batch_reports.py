@@ -8,6 +8,8 @@ import signal
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
+
 from conftest import SEED, Cli
 from test_faults import terminal_outcomes, user_args, wait_for
 
@@ -111,6 +113,7 @@ def test_a_detached_batch_nobody_picked_up_is_queued_and_cancel_ends_it(cli: Cli
     assert sorted(r["user_id"] for r in dry) == sorted(users * 3)
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_batch_and_lets_in_flight_requests_finish(cli: Cli) -> None:
     users = cli.add_users(2)
     assert cli("limit", "set", "2/0.5").exit_code == 0
@@ -160,6 +163,7 @@ def test_a_batch_whose_follower_was_cancelled_is_done_once_its_requests_are(cli:
     assert (report["recorded"], report["state"]) == (3, "done")
 
 
+@pytest.mark.slow
 def test_interrupted_means_its_process_died(cli: Cli) -> None:
     users = cli.add_users(1)
     proc = cli.popen("batch", "30", *user_args(users), "--key", "dies", "--json")

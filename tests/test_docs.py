@@ -69,7 +69,10 @@ def option_help(path: list[str]) -> dict[str, str]:
     command = get_command(app)
     for name in path:
         command = command.commands[name]  # type: ignore[attr-defined]
-    return {opt: p.help or "" for p in command.params for opt in getattr(p, "opts", [])}
+    # Only options have help; arguments do not (click.Parameter has no .help).
+    return {
+        opt: getattr(p, "help", None) or "" for p in command.params for opt in getattr(p, "opts", [])
+    }
 
 
 def test_options_an_environment_variable_sets_say_which() -> None:

@@ -172,10 +172,10 @@ def test_dequeue_gate_claims_nothing_while_fenced(monkeypatch: pytest.MonkeyPatc
     gate_dequeue_on_lease()
     gate_dequeue_on_lease()  # idempotent: one gate, not two
     monkeypatch.setattr(lease_mod, "_process_lease", FixedLease(False))
-    assert SystemDatabase.start_queued_workflows(object(), "q", "e") == ([], None)  # type: ignore[arg-type]
+    assert SystemDatabase.start_queued_workflows(object(), "q", "e") == ([], None)  # type: ignore[arg-type, call-arg]
     assert claims == []
     monkeypatch.setattr(lease_mod, "_process_lease", FixedLease(True))
-    assert SystemDatabase.start_queued_workflows(object(), "q", "e") == (["wf-1"], None)  # type: ignore[arg-type]
+    assert SystemDatabase.start_queued_workflows(object(), "q", "e") == (["wf-1"], None)  # type: ignore[arg-type, call-arg]
     assert claims == [("q", "e")]
 
 
@@ -329,7 +329,7 @@ def test_reacquire_rides_over_a_probe_holding_the_lock(
                     probe.execute(sa.text(unlock), key)
                     probe.commit()
 
-            monkeypatch.setattr(lease_mod.time, "sleep", probe_lets_go)
+            monkeypatch.setattr("accessctl.lease.time.sleep", probe_lets_go)
             lease.keep_alive()
             monkeypatch.undo()
         assert waits == [lease_mod.ACQUIRE_RETRY_SEC]

@@ -19,7 +19,7 @@ def cron_wrapper_script() -> str:
     blocks = re.findall(r"```sh\n(.*?)```", cron_section, flags=re.S)
     scripts = [b for b in blocks if "--key" in b and "accessctl" in b]
     assert scripts, "docs/operations.md's cron section lost its wrapper script"
-    return scripts[0]
+    return str(scripts[0])
 
 
 def test_cron_recipe_files_one_batch_however_often_it_runs(cli: Cli, tmp_path: Path) -> None:

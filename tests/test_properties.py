@@ -217,7 +217,7 @@ def test_generated_config_values_are_exit_0_or_2(tmp_path: Path) -> None:
     ]
     # Environment values cannot hold NUL bytes or lone surrogates: the OS refuses them.
     env_text = st.text(
-        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+        alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
         max_size=40,
     )
     value = st.one_of(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
 from conftest import FAST_LIMIT, Cli
 from test_faults import max_starts_in_window, request_starts, user_args, wait_for
 
@@ -75,6 +77,7 @@ def test_limit_set_refuses_nonsense_with_one_line(cli: Cli) -> None:
     assert limit_of(cli)["rate_limit"] == FAST_LIMIT
 
 
+@pytest.mark.slow
 def test_limit_set_reaches_a_running_worker_and_an_ad_hoc_run_cannot(cli: Cli) -> None:
     """A worker at the stored limit, a one-off run with another limit beside it (refused),
     and a `limit set` while the worker runs: no window of the worker's starts ever holds

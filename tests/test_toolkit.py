@@ -155,7 +155,6 @@ def test_prune_removes_finished_work_and_keeps_running_work(cli: Cli) -> None:
         ("notifications", "destination_uuid"),
         ("workflow_input", "workflow_uuid"),
         ("workflow_output", "workflow_uuid"),
-        ("datasource_outputs", "workflow_id"),
     )
     for table, column in keyed_by_workflow:
         orphans = cli.scalar(

@@ -1125,4 +1125,15 @@ def main() -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+    _save_coverage()
     os._exit(code)
+
+
+def _save_coverage() -> None:
+    """Under coverage.py (CI measures the processes the tests start), write this process's
+    data now: ``os._exit`` skips the exit hook that would. Never imports coverage itself."""
+    coverage = sys.modules.get("coverage")
+    current = coverage.Coverage.current() if coverage is not None else None
+    if current is not None:
+        current.stop()
+        current.save()

@@ -20,9 +20,6 @@ class InvalidInput:
     reason: str
     where: str = "line"  # "argument", "line" (of --file) or "stdin line"
 
-    def as_dict(self) -> dict[str, object]:
-        return {"line": self.line, "text": self.text, "reason": self.reason}
-
 
 @dataclass
 class UserIdInput:

@@ -24,7 +24,7 @@ from accessctl.db import (
     make_engine,
     normalize_url,
 )
-from accessctl.errors import ConfigError, DatabaseUnreachable, SchemaNotMigrated
+from accessctl.errors import ConfigError, SchemaNotMigrated
 from accessctl.limits import SharedLimit, check_configured, ensure_shared_limit, following
 from accessctl.settings import APP_NAME, Settings
 
@@ -65,15 +65,13 @@ def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -
 
 
 @contextlib.contextmanager
-def database(settings: Settings, *, auto_create: bool | None = None) -> Iterator[sa.Engine]:
+def database(settings: Settings) -> Iterator[sa.Engine]:
     """An engine whose schema is at head, for commands that do not execute workflows."""
     from accessctl.schema import ensure_schema
 
     engine = open_engine(settings, check=False)  # readers: see check_sqlite_integrity
     try:
-        ensure_schema(
-            engine, auto_create=settings.is_sqlite if auto_create is None else auto_create
-        )
+        ensure_schema(engine, auto_create=settings.is_sqlite)
         yield engine
     finally:
         engine.dispose()
@@ -91,6 +89,9 @@ def drain_requests(grace: float) -> None:
     from accessctl.workflows import QUEUE_NAME
 
     stop_dequeuing()
+    if requests_running(QUEUE_NAME):
+        # Said before waiting: the wait can take the whole grace (a second signal ends it).
+        log.info("waiting for in-flight requests to finish", grace_seconds=grace)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if requests_running(QUEUE_NAME) == 0:
@@ -243,13 +244,3 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             lease.release()
         engine.dispose()
 
-
-def map_runtime_error(exc: BaseException, settings: Settings) -> Exception:
-    """Turn a driver error met while running into the operator-facing error type."""
-    from accessctl.db import describe_db_error
-
-    url = hide_password(settings.database_url)
-    if isinstance(exc, (ConfigError, DatabaseUnreachable, SchemaNotMigrated)):
-        return exc
-    detail = describe_db_error(exc, url=settings.database_url)
-    return DatabaseUnreachable(f"database {url} failed: {detail}")

@@ -154,7 +154,7 @@ def migrate(engine: sa.Engine) -> str:
     Returns the application schema's head revision."""
     from alembic import command
     from alembic.util.exc import CommandError
-    from dbos import DBOS, SQLAlchemyDatasource
+    from dbos import DBOS
     from sqlalchemy.exc import DBAPIError
 
     url = normalize_url(engine.url.render_as_string(hide_password=False))
@@ -166,8 +166,10 @@ def migrate(engine: sa.Engine) -> str:
                     # now, so a concurrent migrator waits instead of racing.
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
                 command.upgrade(_alembic_config(conn), "head")
+            # DBOS's system tables only: request transactions are plain transactions,
+            # so nothing writes DBOS's datasource_outputs table any more (databases
+            # created before keep theirs, unused).
             DBOS.migrate(url)
-            SQLAlchemyDatasource.migrate(url)
     except DBAPIError as exc:
         raise DatabaseUnreachable(
             f"migration of {hide_password(url)} failed: {describe_db_error(exc, url=engine.url)}"
