@@ -451,7 +451,7 @@ def test_readyz_says_when_the_schema_is_behind(api: Any, cli: Cli) -> None:
 
 
 def test_an_unexpected_failure_is_a_bare_500(api: Any) -> None:
-    @api.app.get("/boom")
+    @api.app.get("/boom")  # type: ignore[untyped-decorator]
     def boom() -> None:
         raise RuntimeError("secret-detail")
 

@@ -68,6 +68,7 @@ from accessctl.api_models import (
 from accessctl.errors import (
     AccessctlError,
     ConfigError,
+    DatabaseUnreachable,
     ExitCode,
     Interrupted,
     SchemaNotMigrated,
@@ -235,15 +236,17 @@ class ServerState:
 
 
 def _operator_error(exc: BaseException, settings: Settings) -> AccessctlError:
-    from accessctl.runtime import map_runtime_error
-
     if isinstance(exc, AccessctlError):
         return exc
     from sqlalchemy.exc import DBAPIError
 
+    from accessctl.db import describe_db_error, hide_password
+
     if isinstance(exc, DBAPIError):
-        mapped = map_runtime_error(exc, settings)
-        return mapped if isinstance(mapped, AccessctlError) else ConfigError(str(mapped))
+        return DatabaseUnreachable(
+            f"database {hide_password(settings.database_url)} failed: "
+            f"{describe_db_error(exc, url=settings.database_url)}"
+        )
     log.debug("internal error at startup", exc_info=exc)
     return ConfigError(f"internal error at startup: {type(exc).__name__} (rerun with -v)")
 
