@@ -210,3 +210,33 @@ def test_a_key_with_other_input_is_refused_naming_its_batch(cli: Cli) -> None:
     assert cli.scalar("SELECT count(*) FROM batches") == 1
     detached = cli("batch", "3", *user_args(users), "--key", "demo-1", "--detach")
     assert detached.exit_code == 2
+
+
+def test_the_follower_checkpoints_no_step_while_it_waits(cli: Cli) -> None:
+    """A request workflow cancelled from outside (the dbos CLI) leaves its request without
+    a row: the follower records it as RequestEnded after its stall check, reading DBOS
+    through a client, so it writes no step checkpoint however long it polls."""
+    from dbos import DBOSClient
+
+    users = cli.add_users(1)
+    batch_id = cli("batch", "3", *user_args(users), "--detach").stdout.strip()
+    client = DBOSClient(
+        system_database_url=cli.database_url.replace("postgresql+psycopg", "postgresql"),
+        application_name="accessctl",
+    )
+    try:
+        client.cancel_workflow(f"req-{batch_id}-0000001")
+    finally:
+        client.destroy()
+    worker = cli.run("worker", "--burst", timeout=90)
+    assert worker.returncode == 0, worker.stderr
+    report = state_of(cli, batch_id)
+    assert (report["recorded"], report["failed"], report["state"]) == (2, 1, "done")
+    assert [e["message"]["error_class"] for e in cli.json("errors", "--json")] == ["RequestEnded"]
+    outputs = cli.workflow_table.replace("workflow_status", "operation_outputs")
+    assert (
+        cli.scalar(
+            f"SELECT count(*) FROM {outputs} WHERE workflow_uuid = :w", w=f"batch-{batch_id}"
+        )
+        == 0
+    )
