@@ -14,7 +14,8 @@ working off the batches the benchmark files, and that work would be measured as 
     uv run python bench/bench_serve.py [--backend postgres|sqlite|both] [--rows N]
         [--requests N] [--clients C]
 
-Writes bench/serve_results.json and its section of BENCHMARKS.md (report.py keeps that
+Writes its figures into bench/results.json (section ``serve``) and regenerates BENCHMARKS.md's
+tables (bench/tables.py; the section's prose is edited by hand) (formerly report.py kept that
 section when it re-renders the rest), and prints the table.
 """
 
@@ -31,12 +32,21 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
+import tables
 from bench_startup import _fill_postgres, _fill_sqlite
-from common import ACCESSCTL, BENCH, SEED_USERS, backend, log, postgres_available, stderr_path
+from common import (
+    ACCESSCTL,
+    BENCH,
+    SEED_USERS,
+    backend,
+    log,
+    postgres_available,
+    save_json,
+    stderr_path,
+)
 
 
 def free_port() -> int:
@@ -173,92 +183,6 @@ def bench(kind: str, rows: int, requests: int, clients: int, cli_runs: int) -> d
     }
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| backend | what | HTTP req/s | p50 / p95 / p99 ms | CLI per call (median) | "
-        "HTTP p50 vs CLI | HTTP req/s vs CLI calls/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        pairs = [
-            (
-                "POST /submit (1 ID)",
-                r["http"]["submit"],
-                r["cli"]["submit_detach"],
-                "`submit ID --detach`",
-            ),
-            (
-                f"GET /errors?limit=50 ({r['rows']:,} rows)",
-                r["http"]["errors"],
-                r["cli"]["errors"],
-                "`errors --limit 50 --json`",
-            ),
-            (
-                "GET /errors page 21 (cursor)",
-                r["http"]["errors_page_21"],
-                r["cli"]["errors"],
-                "`errors --limit 50 --json`",
-            ),
-        ]
-        for label, http, cli, cli_label in pairs:
-            cli_s = cli["median_s"]
-            lines.append(
-                f"| {r['backend']} | {label} | {http['rps']} | "
-                f"{http['p50_ms']} / {http['p95_ms']} / {http['p99_ms']} | "
-                f"{cli_s * 1000:.0f} ms ({cli_label}) | "
-                f"{cli_s * 1000 / http['p50_ms']:.0f}x faster | "
-                f"{http['rps'] * cli_s:.0f}x |"
-            )
-    return "\n".join(lines)
-
-
-HEADING = "## HTTP API (`accessctl serve`)"
-
-
-def section(data: dict[str, Any]) -> str:
-    """The BENCHMARKS.md section for ``data`` (serve_results.json)."""
-    results = data["results"]
-    fills = ", ".join(f"{r['backend']} {r['fill_s']:g} s" for r in results)
-    first = results[0]
-    submit = first["http"]["submit"]
-    return f"""{HEADING}
-
-Produced by `uv run python bench/bench_serve.py` (raw figures in `bench/serve_results.json`),
-{data["date"]}, load average {data["load_average"]:.1f} at the end (a shared 2-core machine:
-other test suites ran alongside). The server ran `accessctl serve --no-execute`, a pure API
-front, so that executing the batches the benchmark files was not counted as HTTP cost. Each
-HTTP row is {submit["requests"]} requests from {submit["clients"]} client threads (keep-alive
-connections) in the benchmark's own process, on the same two cores as the server. The CLI
-calls ({first["cli"]["errors"]["runs"]} of each) ran interleaved with the HTTP rounds, so both
-sides met the same load. Each database held {first["rows"]:,} `errors` rows, filled with one
-bulk INSERT ({fills}).
-
-{markdown(results)}
-
-"HTTP p50 vs CLI" is the CLI's wall time per call over the median HTTP latency: every CLI
-call pays for a Python start, its imports and a new connection (section 5), which the server
-pays once. "req/s vs calls/s" is how many requests the server answered in the time of one CLI
-call. The HTTP latencies include waiting behind the other clients' requests (all of them in
-flight at once, on two cores shared with the clients). Absolute times move with the machine's
-load; the ratios compare both sides under the same load. A page 20 cursors deep costs what the first page costs: the cursor is a keyset
-position (created_at, id), not an OFFSET.
-"""
-
-
-def write_section(data: dict[str, Any]) -> None:
-    """Put the section into BENCHMARKS.md, replacing an earlier one."""
-    path = BENCH.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    if HEADING in text:
-        before, _, after = text.partition(HEADING)
-        rest = after.split("\n## ", 1)
-        tail = "\n## " + rest[1] if len(rest) > 1 else ""
-        text = before + section(data) + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section(data)
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
@@ -277,9 +201,14 @@ def main() -> None:
         "load_average": os.getloadavg()[0],
         "results": results,
     }
-    Path(BENCH / "serve_results.json").write_text(json.dumps(out, indent=2) + "\n")
-    write_section(out)
-    print(markdown(results))
+    # Kept beside the other sections' figures; BENCHMARKS.md's table is regenerated from
+    # them (bench/tables.py), its prose is edited by hand.
+    path = BENCH / "results.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored.setdefault("sections", {})["serve"] = out
+    save_json(path, stored)
+    tables.main([])
+    print(tables.serve(stored))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_facts(),
             "versions": versions(),
             "quick": args.quick,
-            "sections": dict(previous.get("sections", {})) if args.only else {},
+            # bench_serve.py runs on its own: its figures are kept across full runs.
+            "sections": dict(previous.get("sections", {}))
+            if args.only
+            else {k: v for k, v in previous.get("sections", {}).items() if k == "serve"},
             "timings": dict(previous.get("timings", {})) if args.only else {},
         }
         log(f"logs in {LOG_DIR}")

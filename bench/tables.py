@@ -458,6 +458,46 @@ def profiles(r: dict[str, Any]) -> str:
     return table(["profile", "samples", "top roles", "hottest frames (self time)"], rows)
 
 
+def serve(r: dict[str, Any]) -> str:
+    """bench/bench_serve.py: the HTTP face beside the CLI's own calls, per backend."""
+    lines = [
+        "| backend | what | HTTP req/s | p50 / p95 / p99 ms | CLI per call (median) | "
+        "HTTP p50 vs CLI | HTTP req/s vs CLI calls/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in r["sections"]["serve"]["results"]:
+        pairs = [
+            (
+                "POST /submit (1 ID)",
+                x["http"]["submit"],
+                x["cli"]["submit_detach"],
+                "`submit ID --detach`",
+            ),
+            (
+                f"GET /errors?limit=50 ({x['rows']:,} rows)",
+                x["http"]["errors"],
+                x["cli"]["errors"],
+                "`errors --limit 50 --json`",
+            ),
+            (
+                "GET /errors page 21 (cursor)",
+                x["http"]["errors_page_21"],
+                x["cli"]["errors"],
+                "`errors --limit 50 --json`",
+            ),
+        ]
+        for label, http, cli, cli_label in pairs:
+            cli_s = cli["median_s"]
+            lines.append(
+                f"| {x['backend']} | {label} | {http['rps']} | "
+                f"{http['p50_ms']} / {http['p95_ms']} / {http['p99_ms']} | "
+                f"{cli_s * 1000:.0f} ms ({cli_label}) | "
+                f"{cli_s * 1000 / http['p50_ms']:.0f}x faster | "
+                f"{http['rps'] * cli_s:.0f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "run": run,
     "targets": targets,
@@ -477,6 +517,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "errors-sqlite": errors_times("sqlite"),
     "submit": submit,
     "submit-phases": submit_phases,
+    "serve": serve,
 }
 
 
