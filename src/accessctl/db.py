@@ -228,7 +228,9 @@ def check_sqlite_integrity(engine: sa.Engine) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    if engine.dialect.name != "sqlite":
+    from accessctl.backend import for_engine
+
+    if not for_engine(engine).is_sqlite:
         return  # PostgreSQL checks its own pages (checksums, WAL)
     raw = engine.url.render_as_string(hide_password=False)
     try:

@@ -131,7 +131,7 @@ def migration_lock(engine: sa.Engine) -> Iterator[None]:
     """
     import sqlalchemy as sa
 
-    if engine.dialect.name != "postgresql":
+    if for_engine(engine).is_sqlite:
         yield
         return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
