@@ -19,7 +19,7 @@ import typer
 
 from accessctl import __version__
 from accessctl.cli import filing, operating, people, reading
-from accessctl.cli.common import register
+from accessctl.cli.common import check_all_registered, register
 from accessctl.clicore import AccessctlGroup, error_exit
 from accessctl.errors import AccessctlError
 from accessctl.settings import Settings, resolve_settings
@@ -76,6 +76,7 @@ register(
     people.accesses_cancel,
 )
 register(limit_app, operating.limit_show, operating.limit_set)
+check_all_registered()
 app.add_typer(users_app, name="users")
 app.add_typer(accesses_app, name="accesses")
 app.add_typer(limit_app, name="limit")

@@ -20,6 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # --- declaring commands -----------------------------------------------------------------------
 
 _DECLARED: dict[Callable[..., Any], dict[str, Any]] = {}
+_REGISTERED: set[Callable[..., Any]] = set()
 
 
 def command(name: str | None = None, **options: Any) -> Callable[[F], F]:
@@ -38,6 +39,14 @@ def register(target: typer.Typer, *funcs: Callable[..., Any]) -> None:
     """Add declared commands to ``target``, in the order given."""
     for func in funcs:
         target.command(**_DECLARED[func])(func)
+        _REGISTERED.add(func)
+
+
+def check_all_registered() -> None:
+    """A command declared but never registered would vanish from the CLI without a word."""
+    missing = [func.__name__ for func in _DECLARED if func not in _REGISTERED]
+    if missing:
+        raise RuntimeError(f"declared but not registered in cli/__init__.py: {missing}")
 
 
 # --- errors ---------------------------------------------------------------------------------
