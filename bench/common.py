@@ -512,7 +512,7 @@ ROLES = (
     ("notification listener (DBOS)", "run_notifier (dbos/"),
     ("filing the batch (file_batch: one transaction)", "file_batch (accessctl/"),
     ("following the batch (run_attached)", "run_attached (accessctl/"),
-    ("start-up: imports, launch, schema check", "main (accessctl/cli.py"),
+    ("start-up: imports, launch, schema check", "main (accessctl/cli/__init__.py"),
 )
 
 

@@ -462,7 +462,7 @@ def test_the_entry_point_sets_its_handlers_before_importing_anything() -> None:
 
 def test_signals_hands_over_from_the_early_handler_and_back() -> None:
     from accessctl import entry
-    from accessctl.cli import _signals
+    from accessctl.signals import graceful_signals as _signals
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -17,9 +17,13 @@ A batch that ended keeps its outcome in its ``batches`` row (``recorded``, ``fai
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 from dbos import WorkflowStatusString as Status
+
+from accessctl.errors import ExitCode
 
 
 class BatchState(StrEnum):
@@ -33,6 +37,8 @@ class BatchState(StrEnum):
 
 
 FINAL = frozenset({BatchState.DONE, BatchState.CANCELLED, BatchState.FAILED})
+# The states an attached run may end in and still exit 0 (when no request failed).
+CLEAN = frozenset({BatchState.DONE, BatchState.CANCELLED})
 STATES_HELP = (
     "States: queued (filed, not yet started), running, interrupted (its process died; "
     "the next run or any worker resumes it), cancelling, done, cancelled, failed (its "
@@ -78,3 +84,11 @@ def batch_state(
         # Nobody follows it any more; its requests may still be finishing on their own.
         return BatchState.RUNNING if requests_in_flight else BatchState.FAILED
     return BatchState.RUNNING
+
+
+def exit_code_for(summary: Mapping[str, Any]) -> ExitCode:
+    """The exit code of an attached run, and of its metrics: 0 only if no request failed
+    and the batch ended done or cancelled; else 1."""
+    if summary["failed"] or summary.get("state") not in CLEAN:
+        return ExitCode.SOME_FAILED
+    return ExitCode.OK

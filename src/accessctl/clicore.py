@@ -11,11 +11,16 @@
   (``limit set --concurrency``).
 - Help shows readable placeholders (``N``, ``PATH``, ``USER_ID...``), never Typer's type
   labels (``<str>``, ``<list[str]>``).
+- ``batch -1`` is a count out of bounds (exit 2, naming the bounds), not click's unknown
+  option ``-1`` (``CountCommand``).
+- An exception becomes its line and exit code in one function, ``error_exit``: the
+  commands' ``handles_errors`` and the checks that run before a command both use it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +31,9 @@ from typer._click import exceptions as click_exceptions
 from typer._click.core import Command, Context
 from typer._click.globals import get_current_context
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
-from typer.exceptions import Abort
+from typer.exceptions import Abort, Exit
+
+from accessctl.errors import AccessctlError, ExitCode
 
 PROG = "accessctl"
 # The command line being run, for errors raised before a command has its parameters.
@@ -72,6 +79,36 @@ def report_error(message: str, code: int, *, as_json: bool | None = None) -> Non
 def print_json_error(message: str, code: int) -> None:
     sys.stdout.write(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def error_exit(exc: BaseException, *, url: str | None = None) -> Exit:
+    """The one mapping from an exception to the line an operator reads and the documented
+    exit code: reported now (``report_error``); the caller raises the returned ``Exit``.
+    ``url``: the configured database URL, whose passwords are scrubbed from any text."""
+    if isinstance(exc, AccessctlError):
+        return _reported(exc.message, int(exc.exit_code))
+    if isinstance(exc, KeyboardInterrupt):
+        return _reported("interrupted", int(ExitCode.INTERRUPTED))
+    from sqlalchemy.exc import DBAPIError
+
+    from accessctl.db import describe_db_error
+
+    if isinstance(exc, DBAPIError):
+        return _reported(f"database error: {describe_db_error(exc, url=url)}", int(ExitCode.CONFIG))
+    # A bug of ours: one line for the operator, the traceback only with -v.
+    import structlog
+
+    structlog.get_logger("accessctl").debug("internal error", exc_info=exc)
+    detail = describe_db_error(exc, url=url)[:200] if str(exc).strip() else ""
+    return _reported(
+        f"internal error: {type(exc).__name__}: {detail} (rerun with -v for the traceback)",
+        int(ExitCode.CONFIG),
+    )
+
+
+def _reported(message: str, code: int) -> Exit:
+    report_error(message, code)
+    return Exit(code)
 
 
 def describe_click_error(exc: click_exceptions.ClickException) -> str:
@@ -127,6 +164,35 @@ class AccessctlCommand(TyperCommand):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         readable_params(self)
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d[\d.,_]*(?:[eE][+-]?\d+)?")
+
+
+class CountCommand(TyperCommand):
+    """``batch -1`` is a count out of bounds, not an unknown option ``-1``: say so in our
+    one line, naming the bounds, before click's parser reports "No such option"."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        takes_value = {
+            opt
+            for param in self.params
+            if param.param_type_name == "option" and not getattr(param, "is_flag", False)
+            for opt in (*param.opts, *param.secondary_opts)
+        }
+        previous: str | None = None
+        for token in args:
+            if token == "--":
+                break
+            if previous not in takes_value and _NEGATIVE_NUMBER.fullmatch(token):
+                from accessctl.inputs import parse_count
+
+                try:
+                    parse_count(token, ctx.obj["settings"]().max_batch)
+                except AccessctlError as exc:
+                    raise error_exit(exc) from None
+            previous = token
+        return super().parse_args(ctx, args)
 
 
 class AccessctlGroup(TyperGroup):

@@ -54,7 +54,9 @@ def _is_secret_param(name: str) -> bool:
 def dbos_table(engine: sa.Engine, name: str = "workflow_status") -> str:
     """A DBOS system table as raw SQL names it: in the ``dbos`` schema on Postgres, bare in
     the SQLite file."""
-    return name if engine.dialect.name == "sqlite" else f"dbos.{name}"
+    from accessctl.backend import for_engine
+
+    return for_engine(engine).dbos_table(name)
 
 
 def hide_password(url: str) -> str:
@@ -226,7 +228,9 @@ def check_sqlite_integrity(engine: sa.Engine) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    if engine.dialect.name != "sqlite":
+    from accessctl.backend import for_engine
+
+    if not for_engine(engine).is_sqlite:
         return  # PostgreSQL checks its own pages (checksums, WAL)
     raw = engine.url.render_as_string(hide_password=False)
     try:

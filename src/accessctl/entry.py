@@ -7,9 +7,9 @@ SIGTERM's default action ends the process without a word. So this module imports
 but builtins, and ``main`` installs handlers that print one line and exit with the
 documented code (130 for SIGINT, 143 for SIGTERM) before importing the CLI.
 
-The hand-over: ``cli._signals`` replaces these handlers while a batch runs attached or a
-worker runs (there the first signal stops taking work and lets in-flight requests finish),
-and restores them when it ends. Everywhere else (start-up, configuration, connecting,
+The hand-over: ``signals.graceful_signals`` replaces these handlers while a batch runs
+attached or a worker runs (there the first signal stops taking work and lets in-flight
+requests finish), and restores them when it ends. Everywhere else (start-up, configuration, connecting,
 filing a detached batch, read-only commands) a signal simply ends the process: whatever it
 interrupts is one database transaction, which the database rolls back, so nothing is
 half-filed.

@@ -1,6 +1,6 @@
 """Exception types that carry their exit code, and the exit codes themselves.
 
-Every failure an operator can cause or meet is one of these; ``cli.py`` turns them into a
+Every failure an operator can cause or meet is one of these; the CLI turns them into a
 one-line message on stderr and the matching exit code in one place.
 """
 

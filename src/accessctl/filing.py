@@ -81,11 +81,12 @@ def _enqueue(
 
 @contextlib.contextmanager
 def _write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    from accessctl.backend import for_engine
+
     with engine.connect() as conn, conn.begin():
-        if conn.dialect.name == "sqlite":
-            # Take the write lock first: a read-then-write transaction on SQLite fails
-            # instead of waiting when another writer got in between.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Take SQLite's write lock first: a read-then-write transaction there fails
+        # instead of waiting when another writer got in between.
+        for_engine(conn).begin_write(conn)
         yield conn
 
 

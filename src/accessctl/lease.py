@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from accessctl.backend import PostgresBackend
 from accessctl.db import dbos_table, is_sqlite_url, sqlite_path
 
 if TYPE_CHECKING:
@@ -180,14 +181,11 @@ class AdvisoryLease(Lease):
     therefore continuous by construction: the owner cannot come back between two
     sightings, start work unseen and lose its lease again."""
 
-    _KEY = "hashtextextended(:id, 7)"
-    # Whether this session holds the advisory lock on :id (a bigint key is stored as
-    # classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+    _KEY = PostgresBackend.ADVISORY_KEY
+    # Whether this session holds the advisory lock on :id.
     _HELD = (
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND pid = pg_backend_pid() AND objsubid = 1 "
-        f"AND classid::bigint = (({_KEY} >> 32) & 4294967295) "
-        f"AND objid::bigint = ({_KEY} & 4294967295)"
+        "SELECT count(*) FROM pg_locks "
+        f"WHERE {PostgresBackend.ADVISORY_LOCK_OF_ID} AND pid = pg_backend_pid()"
     )
 
     def __init__(

@@ -204,13 +204,14 @@ def recording_run(
         raise
     if path is not None and recorded:
         summary = recorded[-1]
-        # The same rule as the exit code of an attached run (cli._file).
-        clean = not summary["failed"] and summary.get("state") in ("done", "cancelled")
+        from accessctl.batch_state import exit_code_for
+
         run_metrics(
             path,
             engine,
             job=job,
             summary=summary,
-            exit_code=0 if clean else 1,
+            # The same rule as the exit code of an attached run.
+            exit_code=int(exit_code_for(summary)),
             duration=time.monotonic() - started,
         )

@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from accessctl.backend import PostgresBackend, for_engine
 from accessctl.db import dbos_table
 from accessctl.errors import UsageError
 from accessctl.models import Access, Batch, Error, User
@@ -110,14 +111,10 @@ def _executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, boo
 
     if not executor_ids:
         return {}
-    if engine.dialect.name == "sqlite":
+    if for_engine(engine).is_sqlite:
         probe = FileLease(engine, "accessctl-reader")
         return {e: not probe.is_free(e) for e in executor_ids}
-    stmt = sa.text(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND classid::bigint = ((hashtextextended(:id, 7) >> 32) & 4294967295) "
-        "AND objid::bigint = (hashtextextended(:id, 7) & 4294967295) AND objsubid = 1"
-    )
+    stmt = sa.text(f"SELECT count(*) FROM pg_locks WHERE {PostgresBackend.ADVISORY_LOCK_OF_ID}")
     with engine.connect() as conn:
         return {e: bool(conn.execute(stmt, {"id": e}).scalar()) for e in executor_ids}
 

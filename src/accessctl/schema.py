@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from accessctl.db import describe_db_error, hide_password, is_sqlite_url, normalize_url
+from accessctl.backend import for_engine
+from accessctl.db import describe_db_error, hide_password, normalize_url
 from accessctl.errors import DatabaseUnreachable, SchemaNotMigrated
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def migration_lock(engine: sa.Engine) -> Iterator[None]:
     """
     import sqlalchemy as sa
 
-    if engine.dialect.name != "postgresql":
+    if for_engine(engine).is_sqlite:
         yield
         return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -161,10 +162,9 @@ def migrate(engine: sa.Engine) -> str:
     try:
         with migration_lock(engine):
             with engine.begin() as conn:
-                if is_sqlite_url(url):
-                    # pysqlite does not begin a transaction for DDL: take the write lock
-                    # now, so a concurrent migrator waits instead of racing.
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                # pysqlite does not begin a transaction for DDL: take SQLite's write lock
+                # now, so a concurrent migrator waits instead of racing.
+                for_engine(conn).begin_write(conn)
                 command.upgrade(_alembic_config(conn), "head")
             # DBOS's system tables only: request transactions are plain transactions,
             # so nothing writes DBOS's datasource_outputs table any more (databases
@@ -188,7 +188,7 @@ def migrate(engine: sa.Engine) -> str:
 def ensure_schema(engine: sa.Engine, *, auto_create: bool) -> None:
     """Check the schema before a command touches it. A blank embedded SQLite database is
     created on first use; anything else unmigrated or outdated stops with exit 4."""
-    if auto_create and engine.dialect.name == "sqlite" and is_blank_database(engine):
+    if auto_create and for_engine(engine).is_sqlite and is_blank_database(engine):
         log.info("creating the embedded database schema")
         migrate(engine)
         return

@@ -20,7 +20,9 @@ from dbos import WorkflowStatusString
 
 from accessctl.batch_state import WORKFLOW_WAITING
 from accessctl.db import dbos_table
+from accessctl.errors import ExitCode
 from accessctl.runtime import Runtime
+from accessctl.settings import Settings
 from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
 
 log = structlog.get_logger("accessctl.worker")
@@ -226,3 +228,31 @@ def run_worker(
         idle_checks = idle_checks + 1 if outstanding_work(runtime.engine) == 0 else 0
         if idle_checks >= 2:
             return
+
+
+def work_until_stopped(settings: Settings, *, burst: bool, metrics_file: str | None) -> ExitCode:
+    """``accessctl worker``: launch an executing runtime, drain the queue until a signal
+    (or, with ``burst``, until nothing is left), report as it goes, and return the exit
+    code: 0 when the queue ran dry, 130/143 when a signal stopped it. A signal is how a
+    worker is meant to stop: an info line, not an error; queued work stays for others."""
+    from accessctl.metrics import resolve_metrics_path
+    from accessctl.runtime import executing_runtime
+    from accessctl.signals import graceful_signals
+
+    metrics_path = resolve_metrics_path(metrics_file, settings.metrics_file)
+    with graceful_signals() as (stop, reason), executing_runtime(settings) as runtime:
+        structlog.get_logger("accessctl").info(
+            "worker started", executor=runtime.executor_id, burst=burst
+        )
+        report = WorkerReport(runtime, metrics_file=metrics_path)
+        try:
+            run_worker(runtime, stop, burst=burst, on_poll=report.poll)
+        finally:
+            report.close(stopped=stop.is_set())
+    if not stop.is_set():
+        return ExitCode.OK
+    code = reason()
+    structlog.get_logger("accessctl").info(
+        "worker stopped; queued work stays for other workers", exit_code=int(code)
+    )
+    return code

@@ -1,0 +1,78 @@
+"""What differs between SQLite and PostgreSQL in accessctl's own SQL, in one place.
+
+``for_engine(engine)`` gives the backend of an engine or connection:
+
+- ``dbos_table``: DBOS's system tables live in the ``dbos`` schema on Postgres, bare in
+  the SQLite file.
+- ``begin_write``: a transaction that reads before it writes takes SQLite's write lock
+  first (``BEGIN IMMEDIATE``): otherwise it fails, instead of waiting, when another
+  writer got in between. Postgres needs nothing.
+- ``ADVISORY_LOCK_OF_ID`` (Postgres): the ``pg_locks`` predicate of the session advisory
+  lock keyed by an executor ID, as the lease takes it and readers probe it.
+
+The clocks used in raw SQL (workflows' attempt state, the adopter's window) stay where they
+are: each one is a deliberate choice for its query (statement vs transaction time, the
+database's clock vs Python's), not one expression written twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+
+class _HasDialect(Protocol):
+    @property
+    def dialect(self) -> sa.Dialect: ...
+
+
+class Backend:
+    name = ""
+    is_sqlite = False
+
+    def dbos_table(self, name: str = "workflow_status") -> str:
+        """A DBOS system table as raw SQL names it."""
+        raise NotImplementedError
+
+    def begin_write(self, conn: sa.Connection) -> None:
+        """Call first in a transaction that reads before it writes."""
+
+
+class SQLiteBackend(Backend):
+    name = "sqlite"
+    is_sqlite = True
+
+    def dbos_table(self, name: str = "workflow_status") -> str:
+        return name
+
+    def begin_write(self, conn: sa.Connection) -> None:
+        # pysqlite begins no transaction before the first write (nor for DDL at all):
+        # take the write lock now, so a concurrent writer waits instead of racing.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class PostgresBackend(Backend):
+    name = "postgresql"
+
+    # The advisory lock key of an executor ID (bind ``:id``): a bigint, which pg_locks
+    # shows as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1.
+    ADVISORY_KEY = "hashtextextended(:id, 7)"
+    ADVISORY_LOCK_OF_ID = (
+        "locktype = 'advisory' AND granted AND objsubid = 1 "
+        f"AND classid::bigint = (({ADVISORY_KEY} >> 32) & 4294967295) "
+        f"AND objid::bigint = ({ADVISORY_KEY} & 4294967295)"
+    )
+
+    def dbos_table(self, name: str = "workflow_status") -> str:
+        return f"dbos.{name}"
+
+
+SQLITE = SQLiteBackend()
+POSTGRES = PostgresBackend()
+
+
+def for_engine(bind: _HasDialect) -> Backend:
+    """The backend of an engine or connection (anything not SQLite is Postgres)."""
+    return SQLITE if bind.dialect.name == "sqlite" else POSTGRES
