@@ -498,6 +498,15 @@ def serve(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def release_compare(r: dict[str, Any]) -> str:
+    """One release against the previous one, measured side by side in one run."""
+    section = r["sections"]["release_compare"]
+    return table(
+        ["what", "backend", section["baseline"].split(" ")[0], "this release", "ratio"],
+        section["rows"],
+    )
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "run": run,
     "targets": targets,
@@ -518,6 +527,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "submit": submit,
     "submit-phases": submit_phases,
     "serve": serve,
+    "release-compare": release_compare,
 }
 
 

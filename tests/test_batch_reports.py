@@ -23,6 +23,20 @@ def state_of(cli: Cli, batch_id: str) -> dict[str, object]:
     return report
 
 
+def cancel_from_outside(cli: Cli, workflow_id: str) -> None:
+    """Cancel a workflow the way the ``dbos`` CLI would: through DBOS's own client."""
+    from dbos import DBOSClient
+
+    client = DBOSClient(
+        system_database_url=cli.database_url.replace("postgresql+psycopg", "postgresql"),
+        application_name="accessctl",
+    )
+    try:
+        client.cancel_workflow(workflow_id)
+    finally:
+        client.destroy()
+
+
 def dbos_count(cli: Cli, where: str, **params: object) -> int:
     return int(cli.scalar(f"SELECT count(*) FROM {cli.workflow_table} WHERE {where}", **params))
 
@@ -144,19 +158,9 @@ def test_cancel_stops_a_running_batch_and_lets_in_flight_requests_finish(cli: Cl
 
 
 def test_a_batch_whose_follower_was_cancelled_is_done_once_its_requests_are(cli: Cli) -> None:
-    from dbos import DBOSClient
-
     users = cli.add_users(1)
     batch_id = cli("batch", "3", *user_args(users), "--detach").stdout.strip()
-    url = cli.database_url
-    client = DBOSClient(
-        system_database_url=url.replace("postgresql+psycopg", "postgresql"),
-        application_name="accessctl",
-    )
-    try:
-        client.cancel_workflow(f"batch-{batch_id}")
-    finally:
-        client.destroy()
+    cancel_from_outside(cli, f"batch-{batch_id}")
     worker = cli.run("worker", "--burst", timeout=60)
     assert worker.returncode == 0, worker.stderr
     report = state_of(cli, batch_id)
@@ -216,18 +220,9 @@ def test_the_follower_checkpoints_no_step_while_it_waits(cli: Cli) -> None:
     """A request workflow cancelled from outside (the dbos CLI) leaves its request without
     a row: the follower records it as RequestEnded after its stall check, reading DBOS
     through a client, so it writes no step checkpoint however long it polls."""
-    from dbos import DBOSClient
-
     users = cli.add_users(1)
     batch_id = cli("batch", "3", *user_args(users), "--detach").stdout.strip()
-    client = DBOSClient(
-        system_database_url=cli.database_url.replace("postgresql+psycopg", "postgresql"),
-        application_name="accessctl",
-    )
-    try:
-        client.cancel_workflow(f"req-{batch_id}-0000001")
-    finally:
-        client.destroy()
+    cancel_from_outside(cli, f"req-{batch_id}-0000001")
     worker = cli.run("worker", "--burst", timeout=90)
     assert worker.returncode == 0, worker.stderr
     report = state_of(cli, batch_id)

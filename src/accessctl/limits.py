@@ -231,9 +231,29 @@ def ensure_shared_limit(
                 on_conflict="never_update",
             )
         return stored
+    stored = _store(
+        client, engine, settings, settings.rate_limit, settings.concurrency, reason=reason
+    )
+    log.info("shared rate limit stored", limit=stored.describe(), reason=reason)
+    return stored
+
+
+def _store(
+    client: DBOSClient,
+    engine: sa.Engine,
+    settings: Settings,
+    rate_limit: RateLimit | None,
+    concurrency: int,
+    *,
+    reason: str,
+    overwrite: bool = False,
+) -> SharedLimit:
+    """Plan the limit (the call slack follows this process's provider setting), write it
+    (``limit set`` overwrites; a first store keeps what another process wrote first) and
+    read back what is stored."""
     planned = planned_limit(
-        settings.rate_limit,
-        settings.concurrency,
+        rate_limit,
+        concurrency,
         with_provider=bool(settings.provider_url),
         poll_interval=settings.poll_interval,
     )
@@ -242,12 +262,11 @@ def ensure_shared_limit(
         engine,
         planned,
         reason=reason,
-        overwrite=False,
+        overwrite=overwrite,
         batch_poll_interval=settings.poll_interval,
     )
     stored = read_shared_limit(client, engine)
     assert stored is not None
-    log.info("shared rate limit stored", limit=stored.describe(), reason=reason)
     return stored
 
 
@@ -261,22 +280,9 @@ def set_shared_limit(
 ) -> tuple[SharedLimit | None, SharedLimit]:
     """``accessctl limit set``: (the limit before, the limit now)."""
     before = read_shared_limit(client, engine)
-    planned = planned_limit(
-        rate_limit,
-        concurrency,
-        with_provider=bool(settings.provider_url),
-        poll_interval=settings.poll_interval,
+    after = _store(
+        client, engine, settings, rate_limit, concurrency, reason="limit set", overwrite=True
     )
-    _write(
-        client,
-        engine,
-        planned,
-        reason="limit set",
-        overwrite=True,
-        batch_poll_interval=settings.poll_interval,
-    )
-    after = read_shared_limit(client, engine)
-    assert after is not None
     log.info(
         "shared rate limit changed",
         before=before.describe() if before else None,
