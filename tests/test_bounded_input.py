@@ -28,27 +28,11 @@ from accessctl.errors import ExitCode, UsageError
 from accessctl.files import FileBounds, read_bounded
 from accessctl.settings import BOUNDS
 from conftest import ACCESSCTL_BIN, SEED, UNMEASURED, Cli
+from test_bad_input import assert_one_line_error as one_line_error
+from test_bad_input import error_lines
 
 BOM = "\ufeff"
 DOCUMENTED = {0, 1, 2, 3, 4}  # a command that is not interrupted ends with one of these
-
-
-def error_lines(stderr: str) -> list[str]:
-    """stderr without the JSON log lines: what an operator reads as the error."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
-
-
-def one_line_error(result: Result, code: int, *needles: str) -> str:
-    context = f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert result.exit_code == code, context
-    assert "Traceback" not in result.stdout + result.stderr, context
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1, context
-    assert lines[0].startswith("accessctl: error: "), context
-    assert "internal error" not in lines[0], context
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 @pytest.fixture
