@@ -17,34 +17,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
+from crash_campaign import drop_database, fresh_database
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TREES = {"0.2.0": "/work/wt-base", "new": str(Path(__file__).resolve().parents[1])}
 SEED = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(4)]
 
 
 def fresh(kind: str) -> tuple[str, str | None]:
-    if kind == "sqlite":
-        d = tempfile.mkdtemp()
-        return f"sqlite:///{d}/a.sqlite", None
-    name = f"cmp_{uuid.uuid4().hex[:10]}"
-    e = sa.create_engine(PG, isolation_level="AUTOCOMMIT")
-    with e.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    e.dispose()
-    return sa.make_url(PG).set(database=name).render_as_string(hide_password=False), name
-
-
-def drop(name: str | None) -> None:
-    if name:
-        e = sa.create_engine(PG, isolation_level="AUTOCOMMIT")
-        with e.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        e.dispose()
+    return fresh_database(kind, Path(tempfile.mkdtemp()))
 
 
 def run(
@@ -99,7 +82,7 @@ def limiter(tree: str, kind: str, limit: int, period: float) -> dict:
             "over_bound_pct": round((span / bound - 1) * 100, 2),
         }
     finally:
-        drop(name)
+        drop_database(name)
 
 
 def filing(tree: str, kind: str, n: int) -> dict:
@@ -110,7 +93,7 @@ def filing(tree: str, kind: str, n: int) -> dict:
         assert r.returncode == 0, r.stderr[-500:]
         return {"filing_s": round(time.monotonic() - t0, 2)}
     finally:
-        drop(name)
+        drop_database(name)
 
 
 def throughput(tree: str, kind: str, n: int) -> dict:
@@ -125,7 +108,7 @@ def throughput(tree: str, kind: str, n: int) -> dict:
         assert got == n, got
         return {"req_per_s": round(n / wall, 1)}
     finally:
-        drop(name)
+        drop_database(name)
 
 
 def main() -> None:
