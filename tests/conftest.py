@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
 from accessctl.cli import app
-from accessctl.errors import AccessctlError
+from accessctl.exceptions import AccessctlError
 from accessctl.settings import parse_rate_limit
 
 POSTGRES_URL = os.environ.get("ACCESSCTL_TEST_POSTGRES_URL", "").strip()

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import Result
 
-from accessctl.errors import ExitCode
+from accessctl.exceptions import ExitCode
 from accessctl.schema import SCHEMA_HEAD, head_revision
 from conftest import ACCESSCTL_BIN, POSTGRES_URL, SEED, Cli
 from pgfakes import BlackHole

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
 from accessctl.cli import app
-from accessctl.errors import ExitCode, UsageError
+from accessctl.exceptions import ExitCode, UsageError
 from accessctl.files import FileBounds, read_bounded
 from accessctl.settings import BOUNDS
 from conftest import ACCESSCTL_BIN, SEED, UNMEASURED, Cli

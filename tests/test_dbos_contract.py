@@ -83,7 +83,7 @@ def test_claims_go_through_the_serialized_begin(tmp_path: Path) -> None:
 
 
 def test_a_dbos_without_the_hooked_method_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from accessctl.errors import ConfigError
+    from accessctl.exceptions import ConfigError
 
     class Renamed:  # what SQLiteSystemDatabase would be if DBOS renamed _begin
         pass

@@ -71,7 +71,9 @@ def option_help(path: list[str]) -> dict[str, str]:
         command = command.commands[name]  # type: ignore[attr-defined]
     # Only options have help; arguments do not (click.Parameter has no .help).
     return {
-        opt: getattr(p, "help", None) or "" for p in command.params for opt in getattr(p, "opts", [])
+        opt: getattr(p, "help", None) or ""
+        for p in command.params
+        for opt in getattr(p, "opts", [])
     }
 
 

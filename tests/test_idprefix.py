@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.idprefix import MIN_PREFIX, hex_prefix
 
 WHOLE = "a07ff062-58d1-4f9c-8e2b-6c1d0e9a7b31"

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
 from accessctl.cli import app
-from accessctl.errors import ExitCode
+from accessctl.exceptions import ExitCode
 from conftest import SEED
 
 DOCUMENTED = {int(code) for code in ExitCode}

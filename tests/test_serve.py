@@ -538,7 +538,7 @@ def test_importing_the_cli_imports_no_web_stack() -> None:
     ],
 )
 def test_bad_tokens_are_refused_without_echoing_them(env: dict[str, str], message: str) -> None:
-    from accessctl.errors import ConfigError
+    from accessctl.exceptions import ConfigError
     from accessctl.server import resolve_token
 
     with pytest.raises(ConfigError) as refused:
@@ -548,7 +548,7 @@ def test_bad_tokens_are_refused_without_echoing_them(env: dict[str, str], messag
 
 
 def test_token_file_is_read_bounded(tmp_path: Path) -> None:
-    from accessctl.errors import ConfigError
+    from accessctl.exceptions import ConfigError
     from accessctl.server import MAX_TOKEN_BYTES, resolve_token
 
     path = tmp_path / "token"

@@ -11,7 +11,7 @@ import pytest
 
 from accessctl.batch_state import BatchState, batch_state
 from accessctl.batches import BatchRequest
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.inputs import InvalidInput
 from accessctl.limits import SharedLimit, check_configured, planned_limit, queue_polling_interval
 from accessctl.progress import eta_seconds

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.models import Access, AccessStatus, utcnow
 from accessctl.queries import MAX_LIMIT, iso_utc
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 
 
 class _Strict(BaseModel):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.errors import ExitCode
+from accessctl.exceptions import ExitCode
 
 if TYPE_CHECKING:
     from accessctl.batches import BatchRequest

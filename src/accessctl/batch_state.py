@@ -23,7 +23,7 @@ from typing import Any
 
 from dbos import WorkflowStatusString as Status
 
-from accessctl.errors import ExitCode
+from accessctl.exceptions import ExitCode
 
 
 class BatchState(StrEnum):

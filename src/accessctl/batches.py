@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.errors import ExitCode, Interrupted, UsageError
+from accessctl.exceptions import ExitCode, Interrupted, UsageError
 from accessctl.inputs import InvalidInput
 from accessctl.settings import Settings
 from accessctl.workflows import (

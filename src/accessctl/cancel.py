@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 import structlog
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.models import Batch, Error, utcnow
 
 if TYPE_CHECKING:

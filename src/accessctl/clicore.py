@@ -33,7 +33,7 @@ from typer._click.globals import get_current_context
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from typer.exceptions import Abort, Exit
 
-from accessctl.errors import AccessctlError, ExitCode
+from accessctl.exceptions import AccessctlError, ExitCode
 
 PROG = "accessctl"
 # The command line being run, for errors raised before a command has its parameters.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from accessctl.dbos_compat import install_sqlite_clock
-from accessctl.errors import ConfigError, DatabaseUnreachable
+from accessctl.exceptions import ConfigError, DatabaseUnreachable
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from accessctl.errors import ConfigError
+from accessctl.exceptions import ConfigError
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

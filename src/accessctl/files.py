@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from accessctl.errors import AccessctlError, UsageError
+from accessctl.exceptions import AccessctlError, UsageError
 
 KIB = 1024
 MIB = 1024 * KIB

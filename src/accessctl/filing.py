@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from accessctl.dbos_compat import build_enqueue_status, bulk_enqueue
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.models import Batch, Error, utcnow
 from accessctl.workflows import (
     BATCH_QUEUE_NAME,

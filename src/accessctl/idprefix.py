@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 
 MIN_PREFIX = 4
 # How many candidates an "ambiguous" error names.

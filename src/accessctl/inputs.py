@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO, cast
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.files import ID_FILE, FileBounds, read_bounded
 
 MAX_LISTED = 10  # invalid entries named in the one-line error before "and N more"

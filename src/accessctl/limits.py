@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.settings import RateLimit, Settings
 
 if TYPE_CHECKING:

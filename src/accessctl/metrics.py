@@ -24,7 +24,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
-from accessctl.errors import AccessctlError, ConfigError
+from accessctl.exceptions import AccessctlError, ConfigError
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from accessctl.backend import PostgresBackend, for_engine
 from accessctl.db import dbos_table
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.models import Access, Batch, Error, User
 
 _RELATIVE = re.compile(r"(\d{1,12})\s*([smhdw])", re.ASCII)

@@ -24,7 +24,7 @@ from accessctl.db import (
     make_engine,
     normalize_url,
 )
-from accessctl.errors import ConfigError, SchemaNotMigrated
+from accessctl.exceptions import ConfigError, SchemaNotMigrated
 from accessctl.limits import SharedLimit, check_configured, ensure_shared_limit, following
 from accessctl.settings import APP_NAME, Settings
 
@@ -243,4 +243,3 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         if lease is not None:
             lease.release()
         engine.dispose()
-

@@ -14,7 +14,7 @@ import structlog
 
 from accessctl.backend import for_engine
 from accessctl.db import describe_db_error, hide_password, normalize_url
-from accessctl.errors import DatabaseUnreachable, SchemaNotMigrated
+from accessctl.exceptions import DatabaseUnreachable, SchemaNotMigrated
 
 if TYPE_CHECKING:
     import sqlalchemy as sa

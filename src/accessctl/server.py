@@ -65,7 +65,7 @@ from accessctl.api_models import (
     decode_cursor,
     encode_cursor,
 )
-from accessctl.errors import (
+from accessctl.exceptions import (
     AccessctlError,
     ConfigError,
     DatabaseUnreachable,

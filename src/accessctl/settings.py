@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from accessctl.errors import ConfigError, SettingError
+from accessctl.exceptions import ConfigError, SettingError
 
 APP_NAME = "accessctl"
 CONFIG_FILE_NAME = "dbos-config.yaml"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from accessctl.errors import ExitCode
+from accessctl.exceptions import ExitCode
 
 
 @contextmanager

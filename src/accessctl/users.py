@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.inputs import MAX_LISTED
 from accessctl.models import User
 

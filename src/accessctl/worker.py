@@ -20,7 +20,7 @@ from dbos import WorkflowStatusString
 
 from accessctl.batch_state import WORKFLOW_WAITING
 from accessctl.db import dbos_table
-from accessctl.errors import ExitCode
+from accessctl.exceptions import ExitCode
 from accessctl.runtime import Runtime
 from accessctl.settings import Settings
 from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME, WORKFLOW_VERSION
@@ -99,7 +99,7 @@ class WorkerReport:
         self.last_success = 0.0
 
     def _status(self, batch_id: str) -> dict[str, Any] | None:
-        from accessctl.errors import UsageError
+        from accessctl.exceptions import UsageError
         from accessctl.queries import batch_status
 
         try:

@@ -21,7 +21,7 @@ from accessctl import __version__
 from accessctl.cli import filing, operating, people, reading
 from accessctl.cli.common import check_all_registered, register
 from accessctl.clicore import AccessctlGroup, error_exit
-from accessctl.errors import AccessctlError
+from accessctl.exceptions import AccessctlError
 from accessctl.settings import Settings, resolve_settings
 
 __all__ = ["app", "main"]

@@ -12,7 +12,7 @@ import click
 import typer
 
 from accessctl.clicore import error_exit
-from accessctl.errors import AccessctlError, UsageError
+from accessctl.exceptions import AccessctlError, UsageError
 from accessctl.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -22,7 +22,7 @@ from accessctl.cli.common import (
     handles_errors,
 )
 from accessctl.clicore import CountCommand
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 
 if TYPE_CHECKING:
     from accessctl.batches import BatchRequest

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from accessctl.cli.common import JsonOption, _settings, command, handles_errors
-from accessctl.errors import UsageError
+from accessctl.exceptions import UsageError
 from accessctl.settings import BOUNDS, Settings
 
 
