@@ -439,7 +439,7 @@ def pace_dbos_loops() -> None:
 
     claim: Any = SystemDatabase.start_queued_workflows
     read_queue: Any = SystemDatabase.get_queue
-    rows: dict[tuple[int, str], tuple[float, Any]] = {}
+    rows: dict[tuple[int, str], tuple[float, int, Any]] = {}
 
     @functools.wraps(claim)
     def reported_claim(self: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
@@ -463,12 +463,16 @@ def pace_dbos_loops() -> None:
     def cached_queue(self: Any, name: str, **kwargs: Any) -> Any:
         if kwargs or not getattr(_in_queue_thread, "active", False):
             return read_queue(self, name, **kwargs)
-        now = time.monotonic()
+        from accessctl.pacing import pacer
+
+        # A wake-up (new work, `limit set`) drops the cached row: the next claim counts
+        # with the row as it is now.
+        now, generation = time.monotonic(), pacer().generation
         hit = rows.get((id(self), name))
-        if hit is not None and now - hit[0] < QUEUE_ROW_TTL_SEC:
-            return hit[1]
+        if hit is not None and now - hit[0] < QUEUE_ROW_TTL_SEC and hit[1] == generation:
+            return hit[2]
         row = read_queue(self, name)
-        rows[(id(self), name)] = (now, row)
+        rows[(id(self), name)] = (now, generation, row)
         return row
 
     paced_worker._accessctl_paced = True  # type: ignore[attr-defined]
@@ -534,6 +538,8 @@ def serialize_postgres_claims() -> None:
 
     @contextlib.contextmanager
     def _begin_in_turn(self: Any, isolation: str | None) -> Iterator[Any]:
+        global serialized_claims
+        serialized_claims += 1
         with self.engine.connect() as conn, conn.begin():
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({CLAIM_LOCK_KEY})")
             yield conn

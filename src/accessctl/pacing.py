@@ -112,6 +112,11 @@ class Pacer:
 
     # --- what the loops ask --------------------------------------------------------------
 
+    @property
+    def generation(self) -> int:
+        """Changes at every wake-up (a reader may drop what it cached before one)."""
+        return self._generation
+
     def busy(self) -> bool:
         if self._clock() < self._busy_until:
             return True
@@ -281,13 +286,22 @@ class WorkListener(Waker):
             backoff = min(self.pacer.idle_poll, backoff * 2)
 
     def _listen(self, *, wake_first: bool) -> None:
-        raw = self.engine.raw_connection()
+        import psycopg
+
+        # A connection of its own, outside the pool: ``stop`` closes it under the blocked
+        # ``notifies`` from another thread, which a pooled connection would log as an error.
+        url = self.engine.url.set(drivername="postgresql")
+        conn = psycopg.connect(
+            url.render_as_string(hide_password=False),
+            autocommit=True,
+            connect_timeout=5,
+            application_name="accessctl-listen",
+        )
         try:
-            conn: Any = raw.driver_connection
-            raw.detach()  # never back to the pool: it is closed when we are done
-            conn.autocommit = True
-            conn.execute(f"LISTEN {PostgresBackend.WORK_CHANNEL}")
             self._conn = conn
+            if self._stop.is_set():
+                return
+            conn.execute(f"LISTEN {PostgresBackend.WORK_CHANNEL}")
             if wake_first:
                 self.pacer.wake()
             while not self._stop.is_set():
@@ -296,4 +310,4 @@ class WorkListener(Waker):
         finally:
             self._conn = None
             with contextlib.suppress(Exception):
-                raw.close()
+                conn.close()

@@ -49,7 +49,9 @@ class Runtime:
     client: DBOSClient
 
 
-def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -> sa.Engine:
+def open_engine(
+    settings: Settings, *, pool_size: int = 3, check: bool = True, pre_ping: bool = True
+) -> sa.Engine:
     """An engine on the configured database, checked to be reachable (exit 3 if not) and,
     with ``check`` (executing and migrating), a SQLite file checked to be undamaged."""
     engine = make_engine(
@@ -57,6 +59,7 @@ def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -
         connect_timeout=settings.connect_timeout,
         create_dir=settings.database_url_source == "default",
         pool_size=pool_size,
+        pre_ping=pre_ping,
     )
     try:
         check_connection(engine)
@@ -213,7 +216,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     # and the batch followers a few more: keep that many open, or requests pay for new
     # Postgres server processes (docs/operations.md, "Database connections").
     check_dbos_version()
-    engine = open_engine(settings, pool_size=settings.concurrency + 6)
+    engine = open_engine(settings, pool_size=settings.concurrency + 6, pre_ping=False)
     lease = None
     adopter = None
     client = None
