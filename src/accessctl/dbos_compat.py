@@ -48,6 +48,17 @@ dequeue gate           A process whose lease is lost must start    test_lease.py
                        pause a launched process's dequeuing        test_faults.py::test_database_
                        (``listen_queues`` is before launch only;   restart_runs_every_request_
                        stopping queue threads is for good).        once
+polling pace           DBOS polls every queue at a fixed interval, test_pacing.py; test_dbos_
+(``pace_dbos_loops``)  re-reading its row each time, lists queues  contract.py::test_dbos_loops_
+                       and runs its delayed-work job every second: wait_through_the_pacer;
+                       ~80 transactions a second for an idle       bench/ (idle workers)
+                       worker, with no setting to change it. Its
+                       loops wait through our pacer instead.
+claim turns            DBOS claims in REPEATABLE READ with NOWAIT  test_dbos_contract.py::
+(``serialize_          row locks: overlapping claimers fail, and   test_claims_go_through_the_
+postgres_claims``)     DBOS doubles the interval after a failure,  serialized_begin; test_faults
+                       so more workers were slower. Claims take    .py (3 processes, one limit)
+                       turns behind an advisory lock instead.
 execution token        Before a provider call, a request checks    test_lease.py::test_a_
 (``execution_token``)  it still owns its workflow (it may have     replaced_execution_does_not_
                        been adopted while its lease was lost);     call; every provider test
