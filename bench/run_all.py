@@ -9,7 +9,7 @@ BENCHMARKS.md's tables (its prose is edited by hand: bench/tables.py).
 Postgres: ACCESSCTL_BENCH_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/
 postgres); the benchmarks create and drop their own ``accessctl_bench_*`` databases. Without
 a reachable Postgres only the SQLite figures are produced. Sections measured elsewhere
-(bench_serve.py, compare_releases.py) and the archived tables are kept as they are.
+(compare_releases.py) and the archived tables are kept as they are.
 """
 
 from __future__ import annotations

@@ -211,35 +211,6 @@ def errors_times(backend: str) -> Callable[[dict[str, Any]], str]:
     return render
 
 
-def serve(r: dict[str, Any]) -> str:
-    """bench/bench_serve.py: the HTTP face beside the CLI's own calls, per backend."""
-    rows = []
-    for x in r["sections"]["serve"]["results"]:
-        submit, errors = (
-            ("`submit ID --detach`", x["cli"]["submit_detach"]),
-            ("`errors --limit 50 --json`", x["cli"]["errors"]),
-        )
-        for label, http, (cli_label, cli) in (
-            ("POST /submit (1 ID)", x["http"]["submit"], submit),
-            (f"GET /errors?limit=50 ({x['rows']:,} rows)", x["http"]["errors"], errors),
-            ("GET /errors page 21 (cursor)", x["http"]["errors_page_21"], errors),
-        ):
-            ms = cli["median_s"] * 1000
-            rows.append(
-                [
-                    x["backend"],
-                    label,
-                    str(http["rps"]),
-                    f"{http['p50_ms']} / {http['p95_ms']} / {http['p99_ms']}",
-                    f"{ms:.0f} ms ({cli_label})",
-                    f"{ms / http['p50_ms']:.0f}x faster",
-                    f"{http['rps'] * ms / 1000:.0f}x",
-                ]
-            )
-    headers = "backend | what | HTTP req/s | p50 / p95 / p99 ms | CLI per call (median) | HTTP p50 vs CLI | HTTP req/s vs CLI calls/s"
-    return table(cols(headers), rows)
-
-
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "run": run,
     "targets": targets,
@@ -254,7 +225,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "errors-sqlite": errors_times("sqlite"),
     "submit": lambda r: timings("command", r["sections"]["startup"]["submit"]["times"], "s"),
     "submit-phases": archived("submit-phases"),
-    "serve": serve,
+    "serve": archived("serve"),
 }
 
 
