@@ -40,11 +40,6 @@ def one_run(kind: str, limit: int, period: int, run: int) -> dict[str, Any]:
         recorded = int(b.scalar("SELECT count(*) FROM accesses"))
     rel = [(s - starts[0]) / 1000 for s in starts]
     span = rel[-1]
-    # A slot frees exactly P after its start, so each window replays the previous one:
-    # (a) how late each window's first start came after P, (b) how spread out each
-    # window's L starts were (the first window's spread carries into every later one).
-    opening = [rel[k * limit] - rel[(k - 1) * limit] - period for k in range(1, n // limit)]
-    spread = [rel[(k + 1) * limit - 1] - rel[k * limit] for k in range(n // limit)]
     most = max(bisect.bisect_left(starts, t + period * 1000) - i for i, t in enumerate(starts))
     out = {
         "backend": kind,
@@ -56,8 +51,6 @@ def one_run(kind: str, limit: int, period: int, run: int) -> dict[str, Any]:
         "start_span_s": round(span, 3),
         "bound_s": bound,
         "overshoot_pct": round(100 * (span - bound) / bound, 2),
-        "opening_lateness_s": [round(x, 3) for x in opening],
-        "window_spread_s": [round(x, 3) for x in spread],
         "cli_wall_s": round(wall, 2),
         "starts_rel_s": [round(x, 3) for x in rel],
     }
@@ -96,11 +89,6 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "bound_s": mine[0]["bound_s"],
                     "all_recorded": all(x["recorded"] == x["n"] for x in mine),
                     "n": mine[0]["n"],
-                    # (a) and (b) of one_run, and the command's wall time.
-                    "opening_lateness_s_median": median(
-                        [sum(x["opening_lateness_s"]) for x in mine]
-                    ),
-                    "first_window_spread_s_median": median([x["window_spread_s"][0] for x in mine]),
                     "cli_wall_s_median": median([x["cli_wall_s"] for x in mine]),
                 }
             )

@@ -1,7 +1,7 @@
 """Target 5 -- start-up and reading.
 
 * ``accessctl --help`` against ``python -c "import typer, rich"`` (same interpreter), with and
-  without a bytecode cache, and what a read-only command imports, step by step;
+  without a bytecode cache;
 * ``accessctl errors --limit 50`` on a database holding 1,000,000 error rows (``--quick``:
   200,000);
 * ``accessctl submit`` of the four seed IDs on a fresh, then an existing, embedded database.
@@ -88,27 +88,6 @@ def help_vs_imports(runs: int) -> dict[str, Any]:
     return {"times": {**timed, **cold}, "ratio": round(ratio, 2)}
 
 
-def import_breakdown(runs: int) -> dict[str, Any]:
-    """What a read-only command imports, cumulatively (bytecode cached). Alembic is not on
-    that path (it is imported by ``migrate`` or a schema behind); it is timed last."""
-    steps = {
-        "import accessctl.cli (what --help loads)": "accessctl.cli",
-        "+ structlog (logs)": "accessctl.logs",
-        "+ sqlalchemy": "sqlalchemy",
-        "+ ORM models (accessctl.queries)": "accessctl.queries",
-        "+ schema check (accessctl.schema, no Alembic)": "accessctl.schema",
-        "+ psycopg (what `errors` loads on Postgres)": "psycopg",
-        "+ alembic (only `migrate`, or a schema not at SCHEMA_HEAD)": "alembic.runtime.migration, alembic.script",
-    }
-    commands = {"python -c pass": py("pass"), "import typer, rich": py("import typer, rich")}
-    modules: list[str] = []
-    for label, module in steps.items():
-        modules.append(module)
-        commands[label] = py(f"import {', '.join(modules)}")
-    commands["import dbos (context)"] = py("import dbos")
-    return time_commands(commands, base_env(), runs)
-
-
 def fill_errors(b: Backend, n: int) -> float:
     """``n`` errors rows over 100 batches, one per second of age, written through the model's
     table (so in each backend's own storage format), then analysed. Seconds taken."""
@@ -184,7 +163,6 @@ def run(quick: bool = False) -> dict[str, Any]:
     runs, rows = (5, 200_000) if quick else (10, 1_000_000)
     return {
         "help": help_vs_imports(runs),
-        "imports": import_breakdown(runs),
         "errors": [errors_on_million(kind, rows, runs) for kind in backends()],
         "submit": submit_fresh(3 if quick else 5),
     }

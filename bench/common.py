@@ -78,11 +78,8 @@ class Backend:
 
     @property
     def table(self) -> str:
-        return self.sys("workflow_status")
-
-    def sys(self, name: str) -> str:
-        """A DBOS system table: schema ``dbos`` on Postgres, none on SQLite."""
-        return name if self.kind == "sqlite" else f"dbos.{name}"
+        """DBOS's workflow table: in schema ``dbos`` on Postgres."""
+        return "workflow_status" if self.kind == "sqlite" else "dbos.workflow_status"
 
     def engine(self) -> sa.Engine:
         if self.kind == "sqlite":
@@ -370,7 +367,7 @@ class MachineCpu:
 
 
 def load_average() -> float:
-    return os.getloadavg()[0]
+    return round(os.getloadavg()[0], 2)
 
 
 # --- profiles ---------------------------------------------------------------------------
@@ -383,14 +380,9 @@ def start_profile(pid: int, out: Path, duration: float) -> subprocess.Popen[byte
     if cmd is None and (uvx := shutil.which("uvx")):
         probe = subprocess.run([uvx, "py-spy", "--version"], capture_output=True, timeout=180)
         cmd = [uvx, "py-spy"] if probe.returncode == 0 else None
-    if cmd is None:
-        return None
     args = f"record --pid {pid} --format raw --rate 50 --nonblocking --duration {int(duration)}"
-    return subprocess.Popen(
-        [*cmd, *args.split(), "--output", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return subprocess.Popen([*cmd, *args.split(), "--output", str(out)], **quiet) if cmd else None
 
 
 def _frame(frame: str) -> tuple[str, str]:
@@ -442,17 +434,15 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 
 def machine_facts() -> dict[str, Any]:
     def grep(path: str, pattern: str) -> str:
-        with contextlib.suppress(OSError):
-            if match := re.search(pattern, Path(path).read_text()):
-                return match.group(1).strip()
-        return ""
+        match = re.search(pattern, Path(path).read_text())
+        return match.group(1).strip() if match else ""
 
     return {
         "nproc": os.cpu_count(),
         "memory_gib": round(int(grep("/proc/meminfo", r"MemTotal:\s+(\d+)") or 0) / 1024**2, 1),
         "cpu": grep("/proc/cpuinfo", r"model name\s*:\s*(.*)"),
         "kernel": platform.release(),
-        "load_average_at_start": round(load_average(), 2),
+        "load_average_at_start": load_average(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

@@ -31,6 +31,7 @@ from common import (
     create_database,
     drop_database,
     run_cli,
+    set_shared_limit,
     spawn_cli,
 )
 
@@ -73,6 +74,7 @@ def run_round(
 ) -> dict[str, Any]:
     with backend(kind, "campaign", users=False) as b:
         env = {**b.env, "ACCESSCTL_RATE_LIMIT": rate, "ACCESSCTL_SHUTDOWN_GRACE": "2"}
+        set_shared_limit(env, "campaign")
         known = [str(uuid.uuid4()) for _ in range(3)]
         lines = ["name,email,id"] + [f"U{i},u{i}@example.com,{u}" for i, u in enumerate(known)]
         run_cli(env, ["users", "import", "-"], "campaign-users", stdin="\n".join(lines))

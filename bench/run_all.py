@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("failures", {})[name] = repr(exc)
             results.setdefault("timings", {})[name] = round(time.monotonic() - t0, 1)
             save_json(RESULTS, results)
-        results["machine"]["load_average_at_end"] = round(load_average(), 2)
+        results["machine"]["load_average_at_end"] = load_average()
         results["total_s"] = round(time.monotonic() - started, 1)
         save_json(RESULTS, results)
     tables.write(results)
-    log(f"wrote {RESULTS}, bench/limiter.png and BENCHMARKS.md's tables: now edit its prose")
+    log("BENCHMARKS.md's tables and bench/limiter.png regenerated: now edit its prose")
     return 0
 
 

@@ -134,9 +134,6 @@ def targets(r: dict[str, Any]) -> str:
 
 
 def limiter(r: dict[str, Any]) -> str:
-    def ms(key: str) -> Column:
-        return lambda x: f"{x[key] * 1000:.0f} ms"
-
     return grid(
         r["sections"]["limiter"]["summary"],
         {
@@ -150,8 +147,6 @@ def limiter(r: dict[str, Any]) -> str:
             "over the bound (median)": lambda x: (
                 f"{x['overshoot_pct_median']:+.2f}% (worst {x['overshoot_pct_worst']:+.2f}%)"
             ),
-            "(a) windows opened late by": ms("opening_lateness_s_median"),
-            "(b) first-window spread": ms("first_window_spread_s_median"),
             "command wall (median)": lambda x: f"{x['cli_wall_s_median']:.1f} s",
             "all rows written": "all_recorded",
         },
@@ -182,27 +177,6 @@ def filing(r: dict[str, Any]) -> str:
     )
 
 
-def memory(r: dict[str, Any]) -> str:
-    """The filing runs' peak RSS at the two sizes, and its growth between them."""
-    (n1, n2), rows = r["sections"]["fanout"]["sizes"], []
-    for kind in sorted({f["backend"] for f in r["sections"]["fanout"]["filing"]}):
-        f = {x["n"]: x for x in r["sections"]["fanout"]["filing"] if x["backend"] == kind}
-        small, big = f[n1]["peak_rss_mib"], f[n2]["peak_rss_mib"]
-        to_commit = f"{f[n1]['peak_rss_filing_mib']} / {f[n2]['peak_rss_filing_mib']}"
-        rows.append(
-            [
-                kind,
-                small,
-                big,
-                big / small,
-                round((big - small) * 1024 * 1000 / (n2 - n1)),
-                to_commit,
-            ]
-        )
-    headers = f"backend | peak RSS MiB, {n1:,} | peak RSS MiB, {n2:,} | ratio | KiB per 1,000 requests | to the commit, MiB (small / big)"
-    return table(cols(headers), rows)
-
-
 def errors_times(backend: str) -> Callable[[dict[str, Any]], str]:
     def render(r: dict[str, Any]) -> str:
         [e] = [e for e in r["sections"]["startup"]["errors"] if e["backend"] == backend]
@@ -218,9 +192,8 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "filing": filing,
     "atomicity": archived("atomicity"),
     "insert-probe": archived("insert-probe"),
-    "memory": memory,
     "help": lambda r: timings("command", r["sections"]["startup"]["help"]["times"]),
-    "imports": lambda r: timings("imports", r["sections"]["startup"]["imports"]),
+    "imports": archived("imports"),
     "errors-postgres": errors_times("postgres"),
     "errors-sqlite": errors_times("sqlite"),
     "submit": lambda r: timings("command", r["sections"]["startup"]["submit"]["times"], "s"),
