@@ -331,6 +331,8 @@ class AdvisoryLease(Lease):
         pacer().wake()  # whatever waited for the lease starts now
 
     def is_free(self, other_id: str) -> bool:
+        if not self.confirmed():
+            self.confirm_now()  # an idle process confirms its lease only now and then
         with self._lock:
             if self._conn is None or not self.confirmed():
                 return False  # without our own lease we judge nobody
