@@ -387,6 +387,8 @@ MANAGER_SEC = 30.0
 DELAYED_SEC = 1.0
 # How long a process reuses a queue's row it read (DBOS re-reads it on every poll).
 QUEUE_ROW_TTL_SEC = 1.0
+# How long a process reuses DBOS's answer to "is this the latest application version?".
+LATEST_VERSION_TTL_SEC = 10.0
 
 
 def pace_dbos_loops() -> None:
@@ -412,6 +414,7 @@ def pace_dbos_loops() -> None:
         (SystemDatabase, "start_queued_workflows"),
         (SystemDatabase, "get_queue"),
         (SystemDatabase, "transition_delayed_workflows"),
+        (SystemDatabase, "_is_latest_version"),
     ):
         if not callable(getattr(owner, attribute, None)):
             raise ConfigError(
@@ -452,10 +455,24 @@ def pace_dbos_loops() -> None:
     read_queue: Any = SystemDatabase.get_queue
     rows: dict[tuple[int, str], tuple[float, int, Any]] = {}
 
+    latest: dict[tuple[int, str], tuple[float, bool]] = {}
+
+    def is_latest(sys_db: Any, app_version: str) -> bool:
+        # DBOS asks on every claim (a query) whether this version is the latest, which
+        # only decides whether version-less workflows (accessctl files none) may be taken.
+        now = time.monotonic()
+        hit = latest.get((id(sys_db), app_version))
+        if hit is None or now - hit[0] >= LATEST_VERSION_TTL_SEC:
+            hit = (now, bool(sys_db._is_latest_version(app_version)))
+            latest[(id(sys_db), app_version)] = hit
+        return hit[1]
+
     @functools.wraps(claim)
     def reported_claim(self: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
         from accessctl.pacing import pacer
 
+        if kwargs.get("is_latest_version") is None and len(args) >= 2 and not self.sharded:
+            kwargs["is_latest_version"] = is_latest(self, args[1])
         claimed, reason = claim(self, queue, *args, **kwargs)
         paced = pacer()
         if claimed:
