@@ -428,6 +428,7 @@ def pace_dbos_loops() -> None:
     manager_thread: Any = _dbos.queue_thread  # type: ignore[attr-defined]
     scheduler_loop: Any = _dbos.dynamic_scheduler_loop  # type: ignore[attr-defined]
 
+    @functools.wraps(worker_thread)
     def paced_worker(stop_event: Any, dbos: Any, queue: Any) -> None:
         real = stop_event.real if isinstance(stop_event, _PacedStop) else stop_event
         _in_queue_thread.active = True  # only a queue thread's own re-reads are cached
