@@ -2,7 +2,8 @@
 
 Every benchmark drives the installed ``accessctl`` command as an operator would, against a
 database of its own: a temporary ``XDG_DATA_HOME`` (so the *default* embedded SQLite file is
-used) or a Postgres database named ``accessctl_bench_*`` that it creates and drops.
+used) or a Postgres database named ``accessctl_bench_*`` that it creates and drops. Names the
+product defines (queues, seed users, workflow IDs) are imported from it, never restated.
 """
 
 from __future__ import annotations
@@ -31,32 +32,35 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from accessctl.settings import SEED_USER_IDS
+from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-VENV_BIN = Path(sys.executable).parent
-ACCESSCTL = str(
-    ROOT / ".venv" / "bin" / "accessctl"
-    if (ROOT / ".venv" / "bin" / "accessctl").exists()
-    else VENV_BIN / "accessctl"
-)
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
+ACCESSCTL = str(Path(sys.executable).parent / "accessctl")
+PYTHON = sys.executable
 ADMIN_URL = os.environ.get(
     "ACCESSCTL_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-SEED_USERS = tuple(f"00000000-0000-0000-0000-00000000000{i}" for i in range(4))
-REQUEST_QUEUE = "access-requests"
-BATCH_QUEUE = "access-batches"
+SEED_USERS = SEED_USER_IDS
+REQUEST_QUEUE = QUEUE_NAME
+BATCH_QUEUE = BATCH_QUEUE_NAME
 LOG_DIR = Path(tempfile.gettempdir()) / f"accessctl-bench-{os.getpid()}"
 PYCACHE = Path(tempfile.gettempdir()) / "accessctl-bench-pycache"
 
 
 def log(message: str) -> None:
-    stamp = datetime.now().strftime("%H:%M:%S")
-    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def backends(*, sqlite_first: bool = False) -> list[str]:
+    """The backends to measure: SQLite always, Postgres when it answers."""
+    kinds = ["postgres"] if postgres_available() else []
+    return ["sqlite", *kinds] if sqlite_first else [*kinds, "sqlite"]
 
 
 # --- databases --------------------------------------------------------------------------
@@ -74,24 +78,13 @@ class Backend:
 
     @property
     def table(self) -> str:
-        return self.sys("workflow_status")
-
-    def sys(self, name: str) -> str:
-        """A DBOS system table: schema ``dbos`` on Postgres, none on SQLite."""
-        return name if self.kind == "sqlite" else f"dbos.{name}"
+        """DBOS's workflow table: in schema ``dbos`` on Postgres."""
+        return "workflow_status" if self.kind == "sqlite" else "dbos.workflow_status"
 
     def engine(self) -> sa.Engine:
         if self.kind == "sqlite":
             return sa.create_engine(self.url, connect_args={"timeout": 30})
         return sa.create_engine(self.url, pool_size=2, max_overflow=2)
-
-    def scalar(self, sql: str, **params: Any) -> Any:
-        engine = self.engine()
-        try:
-            with engine.connect() as conn:
-                return conn.execute(sa.text(sql), params).scalar()
-        finally:
-            engine.dispose()
 
     def rows(self, sql: str, **params: Any) -> list[Any]:
         engine = self.engine()
@@ -101,98 +94,81 @@ class Backend:
         finally:
             engine.dispose()
 
+    def scalar(self, sql: str, **params: Any) -> Any:
+        return self.rows(sql, **params)[0][0]
+
 
 def base_env(**extra: str) -> dict[str, str]:
-    """The machine's environment less any accessctl/DBOS settings, plus JSON logs."""
+    """The machine's environment less any accessctl/DBOS settings, plus JSON logs. Python
+    caches bytecode as on an operator's machine (this sandbox's shell sets
+    PYTHONDONTWRITEBYTECODE), in a cache outside the work tree."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("ACCESSCTL_", "DBOS_"))
         and k not in ("XDG_DATA_HOME", "PYTHONDONTWRITEBYTECODE")
     }
-    # As on an operator's machine, Python caches bytecode (this sandbox's shell sets
-    # PYTHONDONTWRITEBYTECODE, which makes every start compile ~500 modules). The cache
-    # lives outside the work tree.
-    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
-    env["ACCESSCTL_LOG_FORMAT"] = "json"
-    env.update(extra)
-    return env
+    return {**env, "PYTHONPYCACHEPREFIX": str(PYCACHE), "ACCESSCTL_LOG_FORMAT": "json", **extra}
 
 
-def _admin() -> sa.Engine:
-    return sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+def _admin(sql: str) -> Any:
+    engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(sql))
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
 
 
 def postgres_available() -> bool:
     try:
-        engine = _admin()
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        engine.dispose()
+        _admin("SELECT 1")
         return True
     except Exception:
         return False
 
 
-def create_backend(kind: str, tag: str) -> Backend:
-    if kind == "sqlite":
-        tmpdir = Path(tempfile.mkdtemp(prefix=f"accessctl-bench-{tag}-"))
-        path = tmpdir / "accessctl" / "accessctl.sqlite"
-        # The default embedded database: no URL, only a data home of our own.
-        return Backend(kind, f"sqlite:///{path}", base_env(XDG_DATA_HOME=str(tmpdir)), None, tmpdir)
+def create_database(tag: str) -> tuple[str, str]:
+    """A new, empty Postgres database: (its URL, its name)."""
     name = f"accessctl_bench_{tag}_{uuid.uuid4().hex[:8]}"
-    engine = _admin()
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    url = sa.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    return Backend(kind, url, base_env(ACCESSCTL_DATABASE_URL=url), name)
+    _admin(f'CREATE DATABASE "{name}"')
+    return sa.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False), name
 
 
-def drop_backend(backend: Backend) -> None:
-    if backend.kind == "sqlite":
-        if backend.tmpdir is not None:
-            shutil.rmtree(backend.tmpdir, ignore_errors=True)
-        return
-    engine = _admin()
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{backend.dbname}" WITH (FORCE)'))
-    engine.dispose()
+def drop_database(name: str | None) -> None:
+    if name is not None:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
 def backend(kind: str, tag: str, *, users: bool = True) -> Iterator[Backend]:
-    """A fresh, migrated database holding the four seed users (so requests succeed)."""
-    b = create_backend(kind, tag)
+    """A fresh, migrated database (holding the seed users unless ``users=False``)."""
+    if kind == "sqlite":
+        tmpdir = Path(tempfile.mkdtemp(prefix=f"accessctl-bench-{tag}-"))
+        # The default embedded database: no URL, only a data home of our own.
+        url = f"sqlite:///{tmpdir / 'accessctl' / 'accessctl.sqlite'}"
+        b = Backend(kind, url, base_env(XDG_DATA_HOME=str(tmpdir)), None, tmpdir)
+    else:
+        url, name = create_database(tag)
+        b = Backend(kind, url, base_env(ACCESSCTL_DATABASE_URL=url), name)
     try:
-        if kind == "postgres":
-            try:
-                run_cli(b.env, ["migrate"], f"{tag}-migrate", timeout=120)
-            except subprocess.TimeoutExpired:
-                # Seen once on this shared machine while the code under test was being
-                # edited: a migrate stuck on its lock. One fresh database, once.
-                log(f"{tag}: migrate timed out; retrying on a fresh database")
-                drop_backend(b)
-                b = create_backend(kind, tag)
-                run_cli(b.env, ["migrate"], f"{tag}-migrate", timeout=120)
+        run_cli(b.env, ["migrate"], f"{tag}-migrate", timeout=120)
         if users:
-            for i, user_id in enumerate(SEED_USERS):
-                run_cli(
-                    b.env,
-                    ["users", "add", "--id", user_id, "--name", f"u{i}", "--email", f"u{i}@x.test"],
-                    f"{tag}-users",
-                )
-        elif kind == "sqlite":
-            run_cli(b.env, ["migrate"], f"{tag}-migrate")
+            people = [f"u{i},u{i}@x.test,{u}" for i, u in enumerate(SEED_USERS)]
+            csv = "\n".join(["name,email,id", *people])
+            run_cli(b.env, ["users", "import", "-"], f"{tag}-users", stdin=csv)
         yield b
     finally:
-        drop_backend(b)
+        drop_database(b.dbname)
+        if b.tmpdir is not None:
+            shutil.rmtree(b.tmpdir, ignore_errors=True)
 
 
 def set_shared_limit(env: dict[str, str], tag: str) -> None:
     """Store the limit (and concurrency) that ``env`` names as the database's shared one,
-    as an operator would with `accessctl limit set`: runs then follow it (limits.py)."""
-    args = ["limit", "set", env.get("ACCESSCTL_RATE_LIMIT") or "50/30"]
+    as an operator would with `accessctl limit set`: runs then follow it."""
+    args = ["limit", "set", env["ACCESSCTL_RATE_LIMIT"]]
     if env.get("ACCESSCTL_CONCURRENCY"):
         args += ["--concurrency", env["ACCESSCTL_CONCURRENCY"]]
     run_cli(env, args, f"{tag}-limit")
@@ -221,72 +197,26 @@ def pg_counters(b: Backend) -> dict[str, int]:
 
 
 def stderr_path(name: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    return LOG_DIR / f"{safe}.stderr.log"
-
-
-def stderr_file(name: str) -> Any:
+    """Where process ``name`` writes its stderr (its JSON logs)."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    return open(stderr_path(name), "ab")
-
-
-def log_events(name: str) -> list[dict[str, Any]]:
-    """The JSON log lines (``ACCESSCTL_LOG_FORMAT=json``) a process wrote to its stderr file."""
-    path = stderr_path(name)
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-    return events
-
-
-def event_epoch(event: dict[str, Any]) -> float | None:
-    """A log line's ``timestamp`` (ISO 8601, UTC) as epoch seconds."""
-    stamp = event.get("timestamp")
-    if not stamp:
-        return None
-    moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    return LOG_DIR / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.stderr.log"
 
 
 def find_event(name: str, events: Sequence[str]) -> dict[str, Any] | None:
-    """The first log line of process ``name`` whose ``event`` is one of ``events``."""
-    return next((e for e in log_events(name) if e.get("event") in events), None)
-
-
-def wait_for_event(
-    name: str, events: Sequence[str], proc: Proc, timeout: float, interval: float = 0.01
-) -> dict[str, Any] | None:
-    """Tail process ``name``'s stderr file until a line with one of ``events`` appears (None
-    if the process exits or ``timeout`` passes first)."""
+    """The first JSON log line of process ``name`` whose ``event`` is one of ``events``."""
     path = stderr_path(name)
-    deadline = time.monotonic() + timeout
-    offset = 0
-    buffer = ""
-    while time.monotonic() < deadline:
-        if path.exists():
-            with open(path, errors="replace") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-                offset = fh.tell()
-            buffer += chunk
-            *lines, buffer = buffer.split("\n")
-            for line in lines:
-                if not line.startswith("{"):
-                    continue
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-                    if event.get("event") in events:
-                        return event
-        if proc.poll() is not None:
-            return find_event(name, events)
-        time.sleep(interval)
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") in events:
+                return event
     return None
+
+
+def event_epoch(event: dict[str, Any]) -> float:
+    """A log line's ``timestamp`` (ISO 8601, UTC) as epoch seconds."""
+    moment = datetime.fromisoformat(str(event["timestamp"]))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def run_cli(
@@ -296,12 +226,14 @@ def run_cli(
     *,
     timeout: float = 600,
     check: bool = True,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``accessctl ARGS`` to completion; stderr (JSON logs) goes to a log file."""
-    with stderr_file(name) as err:
+    with open(stderr_path(name), "ab") as err:
         result = subprocess.run(
             [ACCESSCTL, *args],
             env=env,
+            input=stdin,
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
@@ -335,49 +267,41 @@ class Proc:
         return self.popen.pid
 
     def poll(self) -> Finished | None:
-        if self.result is not None:
-            return self.result
-        pid, status, usage = os.wait4(self.pid, os.WNOHANG)
-        if pid == 0:
-            return None
-        self.popen.returncode = os.waitstatus_to_exitcode(status)
-        self.result = Finished(
-            self.popen.returncode,
-            time.monotonic() - self.started,
-            usage.ru_utime + usage.ru_stime,
-            usage.ru_maxrss,
-        )
+        if self.result is None:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid == 0:
+                return None
+            self.popen.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.monotonic() - self.started
+            cpu = usage.ru_utime + usage.ru_stime
+            self.result = Finished(self.popen.returncode, wall, cpu, usage.ru_maxrss)
         return self.result
 
     def wait(self, timeout: float) -> Finished:
         deadline = time.monotonic() + timeout
-        while True:
-            done = self.poll()
-            if done is not None:
-                return done
+        while (done := self.poll()) is None:
             if time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(f"{self.name} still running after {timeout:.0f}s")
             time.sleep(0.02)
+        return done
 
     def kill(self, sig: int = signal.SIGKILL) -> Finished:
-        if self.result is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-            deadline = time.monotonic() + 15
-            while self.poll() is None:
-                if time.monotonic() > deadline:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.pid, signal.SIGKILL)
-                time.sleep(0.02)
-        assert self.result is not None
-        return self.result
+        """Send ``sig``, then SIGKILL if the process is still there 15 s later."""
+        for s in (sig, signal.SIGKILL):
+            if self.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, s)
+                deadline = time.monotonic() + 15
+                while self.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        return self.wait(60)
 
 
 def spawn(
     cmd: list[str], env: dict[str, str], name: str, *, stdout: Any = subprocess.DEVNULL
 ) -> Proc:
-    with stderr_file(name) as err:
+    with open(stderr_path(name), "ab") as err:
         popen = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=err)
     return Proc(popen, time.monotonic(), name)
 
@@ -399,8 +323,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
 def cpu_busy_sample() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     parts = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = parts[3] + parts[4]
-    return sum(parts) - idle, sum(parts)
+    return sum(parts) - parts[3] - parts[4], sum(parts)
 
 
 class Sampler:
@@ -444,120 +367,65 @@ class MachineCpu:
 
 
 def load_average() -> float:
-    return os.getloadavg()[0]
+    return round(os.getloadavg()[0], 2)
 
 
 # --- profiles ---------------------------------------------------------------------------
 
 
-def py_spy_command() -> list[str] | None:
-    """py-spy if it can be had: on PATH, or through ``uvx`` (never added to the project)."""
-    found = shutil.which("py-spy")
-    if found:
-        return [found]
-    uvx = shutil.which("uvx")
-    if uvx:
-        probe = subprocess.run(
-            [uvx, "py-spy", "--version"], capture_output=True, text=True, timeout=180, check=False
-        )
-        if probe.returncode == 0:
-            return [uvx, "py-spy"]
-    return None
-
-
 def start_profile(pid: int, out: Path, duration: float) -> subprocess.Popen[bytes] | None:
-    cmd = py_spy_command()
-    if cmd is None:
-        return None
-    return subprocess.Popen(
-        [
-            *cmd,
-            "record",
-            "--pid",
-            str(pid),
-            "--format",
-            "raw",
-            "--rate",
-            "50",
-            "--nonblocking",
-            "--duration",
-            str(int(duration)),
-            "--output",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """py-spy (raw format, 50 Hz) on ``pid``, if it can be had: on PATH or through ``uvx``
+    (never added to the project)."""
+    cmd = [found] if (found := shutil.which("py-spy")) else None
+    if cmd is None and (uvx := shutil.which("uvx")):
+        probe = subprocess.run([uvx, "py-spy", "--version"], capture_output=True, timeout=180)
+        cmd = [uvx, "py-spy"] if probe.returncode == 0 else None
+    args = f"record --pid {pid} --format raw --rate 50 --nonblocking --duration {int(duration)}"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    return subprocess.Popen([*cmd, *args.split(), "--output", str(out)], **quiet) if cmd else None
 
 
-CATEGORIES = (
-    ("accessctl", "(accessctl/"),
-    ("dbos", "(dbos/"),
-    ("sqlalchemy", "(sqlalchemy/"),
-    ("psycopg (incl. waiting on the server)", "(psycopg/"),
-    ("sqlite3 (incl. waiting on locks)", "(sqlite3/"),
-    ("json", "(json/"),
-    ("structlog/logging", "(structlog/"),
-)
-# What a thread is working on: the outermost matching frame names its role.
-ROLES = (
-    ("request workflows (file_request)", "file_request (accessctl/"),
-    ("batch workflow (run_batch: counting rows)", "run_batch (accessctl/"),
-    (
-        "DBOS per-workflow bookkeeping (owner checks, outcome, checkpoint cleanup)",
-        "_execute_workflow_wthread (dbos/",
-    ),
-    ("queue polling / dequeue (DBOS)", "queue_worker_thread (dbos/"),
-    ("adopter / lease (accessctl)", "(accessctl/lease.py"),
-    ("notification listener (DBOS)", "run_notifier (dbos/"),
-    ("filing the batch (file_batch: one transaction)", "file_batch (accessctl/"),
-    ("following the batch (run_attached)", "run_attached (accessctl/"),
-    ("start-up: imports, launch, schema check", "main (accessctl/cli/__init__.py"),
-)
-
-
-def _frame_name(frame: str) -> str:
-    # py-spy raw frames look like "function (path/to/file.py:123)".
+def _frame(frame: str) -> tuple[str, str]:
+    """(``function (dir/file.py)``, its package) of a py-spy raw frame ``func (path:line)``."""
     match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
     if not match:
-        return frame
+        return frame, frame
     func, path = match.groups()
-    short = "/".join(Path(path).parts[-2:])
-    return f"{func} ({short})"
+    parts = Path(path).parts  # py-spy shortens paths to the module's: "sqlalchemy/engine/..."
+    package = parts[0] if len(parts) > 1 and not path.startswith("/") else Path(path).stem
+    return f"{func} ({'/'.join(parts[-2:])})", package
 
 
 def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
-    """Self time by function and inclusive time by package, from py-spy's raw output."""
-    if not path.exists():
-        return {"available": False}
+    """From py-spy's raw output, in % of samples: self time by function, inclusive time by
+    package, and by role -- a thread's outermost accessctl (else dbos) function."""
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     roles: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else []:
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
-        frames = stack.split(";")
-        self_time[_frame_name(frames[-1])] += count
-        seen = set()
-        for frame in frames:
-            for category, needle in CATEGORIES:
-                if needle in frame and category not in seen:
-                    seen.add(category)
-                    inclusive[category] += count
-        role = next((name for name, needle in ROLES if any(needle in f for f in frames)), "other")
-        roles[role] += count
+        frames = [_frame(f) for f in stack.split(";")]
+        self_time[frames[-1][0]] += count
+        for package in {p for _, p in frames}:
+            inclusive[package] += count
+        owned = [f for pkg in ("accessctl", "dbos") for f, p in frames if p == pkg]
+        roles[owned[0] if owned else "other"] += count
+    total = sum(roles.values())
     if not total:
         return {"available": False}
+
+    def shares(counter: Counter[str], n: int | None = None) -> list[tuple[str, float]]:
+        return [(name, round(100 * k / total, 1)) for name, k in counter.most_common(n)]
+
     return {
         "available": True,
         "samples": total,
-        "self": [(name, round(100 * n / total, 1)) for name, n in self_time.most_common(top)],
-        "inclusive": [(name, round(100 * n / total, 1)) for name, n in inclusive.most_common()],
-        "roles": [(name, round(100 * n / total, 1)) for name, n in roles.most_common()],
+        "self": shares(self_time, top),
+        "inclusive": shares(inclusive),
+        "roles": shares(roles),
     }
 
 
@@ -565,57 +433,42 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 
 
 def machine_facts() -> dict[str, Any]:
-    mem_kib = 0
-    with contextlib.suppress(OSError):
-        match = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
-        mem_kib = int(match.group(1)) if match else 0
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        match = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        cpu_model = match.group(1).strip() if match else ""
+    def grep(path: str, pattern: str) -> str:
+        match = re.search(pattern, Path(path).read_text())
+        return match.group(1).strip() if match else ""
+
     return {
         "nproc": os.cpu_count(),
-        "memory_gib": round(mem_kib / 1024 / 1024, 1),
-        "cpu": cpu_model,
+        "memory_gib": round(int(grep("/proc/meminfo", r"MemTotal:\s+(\d+)") or 0) / 1024**2, 1),
+        "cpu": grep("/proc/cpuinfo", r"model name\s*:\s*(.*)"),
         "kernel": platform.release(),
-        "load_average_at_start": round(load_average(), 2),
+        "load_average_at_start": load_average(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def _accessctl_version() -> str:
-    """The version of the code that runs (the source tree; installed metadata can lag an
-    editable install), with its pinned workflow version."""
+def versions() -> dict[str, str]:
+    """Versions of what ran; accessctl's from the source tree (installed metadata can lag
+    an editable install), with its pinned workflow version."""
+    from importlib.metadata import version
+
     import accessctl
     from accessctl.workflows import WORKFLOW_VERSION
 
-    return f"{accessctl.__version__} (workflows {WORKFLOW_VERSION})"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    out: dict[str, str] = {
+    out = {
         "python": platform.python_version(),
-        "dbos": version("dbos"),
-        "sqlalchemy": version("sqlalchemy"),
-        "psycopg": version("psycopg"),
+        **{name: version(name) for name in ("dbos", "sqlalchemy", "psycopg")},
         "sqlite": sqlite3.sqlite_version,
-        "accessctl": _accessctl_version(),
+        "accessctl": f"{accessctl.__version__} (workflows {WORKFLOW_VERSION})",
+        "postgres": "unavailable",
     }
-    try:
-        engine = _admin()
-        with engine.connect() as conn:
-            out["postgres"] = str(conn.execute(sa.text("SHOW server_version")).scalar())
-        engine.dispose()
-    except Exception:
-        out["postgres"] = "unavailable"
-    hyperfine = shutil.which("hyperfine")
-    if hyperfine:
-        out["hyperfine"] = subprocess.run(
-            [hyperfine, "--version"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+    with contextlib.suppress(Exception):
+        out["postgres"] = str(_admin("SHOW server_version"))
     return out
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def save_json(path: Path, data: Any) -> None:

@@ -1,4 +1,4 @@
-"""Run every benchmark, write bench/results.json and bench/limiter.png, and regenerate
+"""Run the benchmarks, write bench/results.json and bench/limiter.png, and regenerate
 BENCHMARKS.md's tables (its prose is edited by hand: bench/tables.py).
 
     uv run --group bench python bench/run_all.py            # everything (~40 min)
@@ -8,16 +8,14 @@ BENCHMARKS.md's tables (its prose is edited by hand: bench/tables.py).
 
 Postgres: ACCESSCTL_BENCH_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/
 postgres); the benchmarks create and drop their own ``accessctl_bench_*`` databases. Without
-a reachable Postgres only the SQLite figures are produced.
+a reachable Postgres only the SQLite figures are produced. Sections measured elsewhere
+(compare_releases.py) and the archived tables are kept as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import bench_fanout
@@ -26,7 +24,7 @@ import bench_startup
 import bench_throughput
 import compare_releases
 import tables
-from common import BENCH, LOG_DIR, ROOT, load_average, log, machine_facts, save_json, versions
+from common import BENCH, LOG_DIR, load_average, load_json, log, machine_facts, save_json, versions
 
 SECTIONS = {
     "limiter": bench_limiter.run,
@@ -46,25 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true", help="regenerate tables and plot from results.json"
     )
     args = parser.parse_args(argv)
-
-    if args.report_only:
-        results: dict[str, Any] = json.loads(RESULTS.read_text())
-    else:
+    results: dict[str, Any] = load_json(RESULTS)
+    if not args.report_only:
         only = [s for s in args.only.split(",") if s] or list(SECTIONS)
-        unknown = set(only) - set(SECTIONS)
-        if unknown:
+        if unknown := set(only) - set(SECTIONS):
             parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
-        previous: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        results = {
-            "machine": machine_facts(),
-            "versions": versions(),
-            "quick": args.quick,
-            # bench_serve.py runs on its own: its figures are kept across full runs.
-            "sections": dict(previous.get("sections", {}))
-            if args.only
-            else {k: v for k, v in previous.get("sections", {}).items() if k == "serve"},
-            "timings": dict(previous.get("timings", {})) if args.only else {},
-        }
+        # A partial run keeps the other sections' figures and timings; a full run, only the
+        # sections it does not measure.
+        results.update(machine=machine_facts(), versions=versions(), quick=args.quick)
+        results.pop("failures", None)
+        results.setdefault("sections", {})
+        if not args.only:
+            results["sections"] = {k: v for k, v in results["sections"].items() if k not in only}
+            results["timings"] = {}
         log(f"logs in {LOG_DIR}")
         started = time.monotonic()
         for name in only:
@@ -75,23 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # keep the other sections' figures
                 log(f"{name} failed: {exc!r}")
                 results.setdefault("failures", {})[name] = repr(exc)
-                continue
-            finally:
-                results["timings"][name] = round(time.monotonic() - t0, 1)
+            results.setdefault("timings", {})[name] = round(time.monotonic() - t0, 1)
             save_json(RESULTS, results)
-        results["machine"]["load_average_at_end"] = round(load_average(), 2)
+        results["machine"]["load_average_at_end"] = load_average()
         results["total_s"] = round(time.monotonic() - started, 1)
         save_json(RESULTS, results)
-
-    plot = BENCH / "limiter.png"
-    if "limiter" in results["sections"]:
-        tables.plot_limiter(results["sections"]["limiter"], plot)
-    doc = ROOT / "BENCHMARKS.md"
-    doc.write_text(tables.render(doc.read_text(encoding="utf-8"), results), encoding="utf-8")
-    log(f"wrote {RESULTS}, {plot} and the tables of {doc}: now edit its prose to match")
+    tables.write(results)
+    log("BENCHMARKS.md's tables and bench/limiter.png regenerated: now edit its prose")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     raise SystemExit(main())

@@ -3,21 +3,19 @@
 
 BENCHMARKS.md is written by people: its prose (what was measured, why, what it means) is
 edited by hand. Only the blocks between ``<!-- table NAME -->`` and ``<!-- /table -->`` are
-generated, each by the function of that name below, from results.json alone: nothing here
-interprets a figure or restates a formula of ``src/``.
+generated, each by ``TABLES[NAME]``, from results.json alone: nothing here interprets a
+figure or restates a formula of ``src/``; the targets table compares figures with the
+issue's targets.
 
-    uv run --group bench python bench/tables.py           # rewrite the tables in place
-    uv run --group bench python bench/tables.py --check   # exit 1 if any table is stale
+    uv run --group bench python bench/tables.py   # rewrite the tables (and limiter.png)
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import re
-import statistics
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 DOC = ROOT / "BENCHMARKS.md"
 BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+Column = str | Callable[[dict[str, Any]], Any]
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -46,6 +45,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid(items: Sequence[dict[str, Any]], columns: Mapping[str, Column]) -> str:
+    """One row per item; ``columns`` maps each header to a key of the item or a function."""
+    cells = [[c(x) if callable(c) else x[c] for c in columns.values()] for x in items]
+    return table(list(columns), cells)
+
+
 def cols(spec: str) -> list[str]:
     """Column headers, written as one "a | b | c" string."""
     return spec.split(" | ")
@@ -55,127 +60,229 @@ def pct(share: float | None) -> str:
     return "–" if share is None else f"{100 * share:.0f}%"
 
 
-def _ms(entry: dict[str, Any]) -> list[Any]:
-    return [round(entry["median_s"] * 1000), round(entry["min_s"] * 1000), entry["runs"]]
+def timings(first: str, times: dict[str, dict[str, Any]], unit: str = "ms") -> str:
+    """Commands timed side by side: median, min and runs (in whole ms, or s to 2 decimals)."""
+    scale, show = (1000, round) if unit == "ms" else (1, lambda t: f"{t:.2f}")
+    rows = [
+        [k, show(v["median_s"] * scale), show(v["min_s"] * scale), v["runs"]]
+        for k, v in times.items()
+    ]
+    return table([first, f"median {unit}", f"min {unit}", "runs"], rows)
 
 
-# --- one function per table -------------------------------------------------------------
+def archived(name: str) -> Callable[[dict[str, Any]], str]:
+    """A table whose measurement was removed: its last figures, kept in results.json."""
+    return lambda r: table(r["archive"][name]["columns"], r["archive"][name]["rows"])
+
+
+# --- the tables -------------------------------------------------------------------------
 
 
 def run(r: dict[str, Any]) -> str:
     m, v = r["machine"], r["versions"]
     timings = ", ".join(f"{k} {s / 60:.1f} min" for k, s in r.get("timings", {}).items())
-    return table(
-        ["", ""],
+    rows = [
+        ["date", m["date"]],
+        ["machine", f"{m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}"],
         [
-            ["date", m["date"]],
-            [
-                "machine",
-                f"{m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}",
-            ],
-            [
-                "load average",
-                f"{m['load_average_at_start']} at start, {m.get('load_average_at_end')} at end",
-            ],
-            ["versions", ", ".join(f"{k} {val}" for k, val in v.items())],
-            ["duration", f"{r.get('total_s', 0) / 60:.1f} min ({timings})"],
-            ["mode", "quick" if r.get("quick") else "full"],
+            "load average",
+            f"{m['load_average_at_start']} at start, {m.get('load_average_at_end')} at end",
         ],
-    )
+        ["versions", ", ".join(f"{k} {val}" for k, val in v.items())],
+        ["duration", f"{r.get('total_s', 0) / 60:.1f} min ({timings})"],
+        ["mode", "quick" if r.get("quick") else "full"],
+    ]
+    return table(["", ""], rows)
 
 
 def targets(r: dict[str, Any]) -> str:
-    """Each target of the issue against what was measured."""
-    s = r["sections"]
-    rows: list[list[Any]] = []
-
-    def add(target: str, measured: str, met: bool) -> None:
-        rows.append([target, measured, met])
-
+    """Each target of the issue against what was measured: (target, measured, met)."""
+    s, rows = r["sections"], []
     for x in s.get("limiter", {}).get("summary", []):
-        rate = f"{x['limit']}/{x['period']}, {x['backend']}"
-        add(f"1. limiter {rate}: no P-window over L", f"max {x['max_in_window_worst']}",
-            x["window_met"])  # fmt: skip
-        add(f"1. limiter {rate}: span within 3% of the bound",
-            f"{x['overshoot_pct_median']:+.2f}% median", x["finish_met"])  # fmt: skip
+        on, worst, over = (
+            f"{x['limit']}/{x['period']}, {x['backend']}",
+            x["max_in_window_worst"],
+            x["overshoot_pct_median"],
+        )
+        rows.append([f"1. limiter {on}: no P-window over L", f"max {worst}", worst <= x["limit"]])
+        rows.append(
+            [
+                f"1. limiter {on}: span within 3% of the bound",
+                f"{over:+.2f}% median",
+                abs(over) <= 3,
+            ]
+        )
     st = s.get("startup", {})
     if "help" in st:
-        add("5. `--help` ≤ 1.5× `import typer, rich`", f"{st['help']['ratio']}×",
-            st["help"]["met"])  # fmt: skip
+        ratio = st["help"]["ratio"]
+        rows.append(["5. `--help` ≤ 1.5× `import typer, rich`", f"{ratio}×", ratio <= 1.5])
     for e in st.get("errors", []):
-        add(f"5. `errors --limit 50` on {e['rows']:,} rows ({e['backend']}) ≤ 0.5 s",
-            f"{e['times']['errors --limit 50']['median_s']:.2f} s", e["met"])  # fmt: skip
+        t, on = e["times"]["errors --limit 50"]["median_s"], f"{e['rows']:,} rows ({e['backend']})"
+        rows.append([f"5. `errors --limit 50` on {on} ≤ 0.5 s", f"{t:.2f} s", t <= 0.5])
     if "submit" in st:
-        fresh = st["submit"]["times"]["submit 4 IDs, fresh embedded database"]
-        add("5. `submit` of 4 IDs, fresh embedded database ≤ 2 s", f"{fresh['median_s']:.2f} s",
-            st["submit"]["met"])  # fmt: skip
-    for x in s.get("throughput", {}).get("summary", []):
-        if x["workers"] <= 2 and x["n"] >= 10_000:
-            where = f"{x['backend']}, {x['workers']} worker(s)"
-            add(f"2. throughput ({where}) ≥ 150 req/s", f"{x['rate_median']:.1f} req/s",
-                x["rate_median"] >= 150)  # fmt: skip
-            add(f"2. plain SQLAlchemy loop ÷ accessctl ({where}) ≤ 6",
-                f"{x['loop_ratio_median']:.2f}×", x["loop_ratio_median"] <= 6)  # fmt: skip
+        t = st["submit"]["times"]["submit 4 IDs, fresh embedded database"]["median_s"]
+        rows.append(["5. `submit` of 4 IDs, fresh embedded database ≤ 2 s", f"{t:.2f} s", t <= 2])
+    rows += throughput_targets(r)
     for f in s.get("fanout", {}).get("filing", []):
         if f["n"] >= 100_000:
-            add(f"3. filing {f['n']:,} ({f['backend']}): all ENQUEUED ≤ 60 s",
-                f"{f['visible_s']:.1f} s", f["complete"] and f["visible_s"] <= 60)  # fmt: skip
-            add(f"4. peak RSS of `batch {f['n']}` ({f['backend']}) ≤ 300 MiB",
-                f"{f['peak_rss_mib']:.0f} MiB", f["peak_rss_mib"] <= 300)  # fmt: skip
-    for a in s.get("fanout", {}).get("atomicity", []):
-        add(f"3. filing {a['n']:,} ({a['backend']}) is all or none", f"{len(a['kills'])} kill(s)",
-            a["all_or_none"])  # fmt: skip
-    return table(["target", "measured", "met"], rows)
-
-
-def _limiter_row(x: dict[str, Any]) -> list[Any]:
-    late = sum(x["opening_lateness_s"])
-    return [
-        x["backend"],
-        f"{x['limit']}/{x['period']}",
-        x["max_in_window"],
-        f"{x['overshoot_pct']:+.2f}%",
-        f"{late * 1000:.0f} ms",
-        f"{x['window_spread_s'][0] * 1000:.0f} ms",
-    ]
+            on, visible, rss = f"{f['n']:,} ({f['backend']})", f["visible_s"], f["peak_rss_mib"]
+            ok = f["complete"] and visible <= 60
+            rows.append([f"3. filing {on}: all ENQUEUED ≤ 60 s", f"{visible:.1f} s", ok])
+            on = f"`batch {f['n']}` ({f['backend']})"
+            rows.append([f"4. peak RSS of {on} ≤ 300 MiB", f"{rss:.0f} MiB", rss <= 300])
+    return table(["target", "measured", "met"], rows + r["archive"]["targets"]["rows"])
 
 
 def limiter(r: dict[str, Any]) -> str:
-    sec = r["sections"]["limiter"]
-    rows = []
-    for x in sec["summary"]:
-        mine = [y for y in sec["runs"] if y["backend"] == x["backend"] and y["limit"] == x["limit"]]
-        rows.append(
-            [
-                x["backend"],
-                f"{x['limit']}/{x['period']}",
-                mine[0]["n"],
-                x["runs"],
-                x["max_in_window_worst"],
-                f"{x['start_span_s_median']:.2f} s",
-                f"{x['bound_s']:g} s",
-                f"{x['overshoot_pct_median']:+.2f}% (worst {x['overshoot_pct_worst']:+.2f}%)",
-                f"{statistics.median(sum(y['opening_lateness_s']) for y in mine) * 1000:.0f} ms",
-                f"{statistics.median(y['window_spread_s'][0] for y in mine) * 1000:.0f} ms",
-                f"{statistics.median(y['cli_wall_s'] for y in mine):.1f} s",
-                x["all_recorded"],
-            ]
-        )
-    headers = cols(
-        "backend | limit | N | runs | max in a P-window (worst) | span (median) | bound | "
-        "over the bound (median) | (a) windows opened late by | (b) first-window spread | "
-        "command wall (median) | all rows written"
+    return grid(
+        r["sections"]["limiter"]["summary"],
+        {
+            "backend": "backend",
+            "limit": lambda x: f"{x['limit']}/{x['period']}",
+            "N": "n",
+            "runs": "runs",
+            "max in a P-window (worst)": "max_in_window_worst",
+            "span (median)": lambda x: f"{x['start_span_s_median']:.2f} s",
+            "bound": lambda x: f"{x['bound_s']:g} s",
+            "over the bound (median)": lambda x: (
+                f"{x['overshoot_pct_median']:+.2f}% (worst {x['overshoot_pct_worst']:+.2f}%)"
+            ),
+            "command wall (median)": lambda x: f"{x['cli_wall_s_median']:.1f} s",
+            "all rows written": "all_recorded",
+        },
     )
-    return table(headers, rows)
 
 
-def limiter_probes(r: dict[str, Any]) -> str:
-    probes = r["sections"]["limiter"].get("probes", [])
-    headers = cols(
-        "backend | limit | max in a window | over the bound | "
-        "windows opened late by (sum) | first-window spread"
+def filing(r: dict[str, Any]) -> str:
+    return grid(
+        r["sections"]["fanout"]["filing"],
+        {
+            "backend": "backend",
+            "N": "n",
+            "start-up s": "before_filing_s",
+            "transaction s": "transaction_s",
+            "last round written s": "last_round_s",
+            '"batch filed" s': "filed_log_s",
+            "all visible s": "visible_s",
+            "partial counts seen": lambda f: (
+                ", ".join(map(str, f["partial_counts_seen"])) or "none"
+            ),
+            "requests / s in the transaction": lambda f: (
+                f["transaction_s"] and round(f["n"] / f["transaction_s"])
+            ),
+            "Postgres row writes / request": lambda f: f.get("pg_rows_written_per_child"),
+            "peak RSS to commit MiB": "peak_rss_filing_mib",
+            "peak RSS MiB": "peak_rss_mib",
+        },
     )
-    return table(headers, [_limiter_row(x) for x in probes])
+
+
+def errors_times(backend: str) -> Callable[[dict[str, Any]], str]:
+    def render(r: dict[str, Any]) -> str:
+        [e] = [e for e in r["sections"]["startup"]["errors"] if e["backend"] == backend]
+        return timings("command", e["times"])
+
+    return render
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "run": run,
+    "targets": targets,
+    "limiter": limiter,
+    "filing": filing,
+    "atomicity": archived("atomicity"),
+    "insert-probe": archived("insert-probe"),
+    "help": lambda r: timings("command", r["sections"]["startup"]["help"]["times"]),
+    "imports": archived("imports"),
+    "errors-postgres": errors_times("postgres"),
+    "errors-sqlite": errors_times("sqlite"),
+    "submit": lambda r: timings("command", r["sections"]["startup"]["submit"]["times"], "s"),
+    "submit-phases": archived("submit-phases"),
+    "serve": archived("serve"),
+}
+
+
+def render(doc: str, results: dict[str, Any]) -> str:
+    """``doc`` with every table block regenerated; a table whose section was not measured
+    this time is left as it was."""
+
+    def one(match: re.Match[str]) -> str:
+        if match["name"] not in TABLES:
+            raise KeyError(f"BENCHMARKS.md names an unknown table {match['name']!r}")
+        try:
+            body = TABLES[match["name"]](results)
+        except KeyError:
+            body = match["body"]
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(one, doc)
+
+
+def plot_limiter(section: dict[str, Any], out: Path) -> None:
+    """The median run of each configuration: starts per second and in the trailing window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = section["runs"]
+    configs = sorted({(x["limit"], x["period"]) for x in runs})
+    kinds = [k for k in ("sqlite", "postgres") if any(x["backend"] == k for x in runs)]
+    fig, axes = plt.subplots(
+        len(configs), len(kinds), figsize=(6.4 * len(kinds), 3.9 * len(configs)), squeeze=False
+    )
+    for i, (limit, period) in enumerate(configs):
+        for j, kind in enumerate(kinds):
+            ax = axes[i][j]
+            mine = [x for x in runs if x["backend"] == kind and x["limit"] == limit]
+            mine.sort(key=lambda x: x["overshoot_pct"])
+            starts: list[float] = mine[(len(mine) - 1) // 2]["starts_rel_s"]
+            horizon = max(starts) + period + 1
+            bins = [float(s) for s in range(math.ceil(horizon) + 1)]
+            ax.hist(starts, bins=bins, alpha=0.75, label="starts in each second")
+            ts = [k * 0.02 for k in range(int(horizon / 0.02) + 1)]
+            trailing = [sum(1 for s in starts if t - period < s <= t) for t in ts]
+            ax.step(ts, trailing, where="post", label=f"starts in the trailing {period:g} s")
+            ax.axhline(limit, color="red", ls="--", lw=1, label=f"L = {limit}")
+            ax.set_title(f"{kind}: {limit}/{period:g}")
+            ax.set_xlabel("seconds since the first start")
+            ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any]) -> None:
+    """Regenerate BENCHMARKS.md's tables and bench/limiter.png from ``results``."""
+    if "limiter" in results["sections"]:
+        plot_limiter(results["sections"]["limiter"], ROOT / "bench" / "limiter.png")
+    DOC.write_text(render(DOC.read_text(encoding="utf-8"), results), encoding="utf-8")
+
+
+# --- throughput / workers and the release comparison ------------------------------------
+# bench_throughput.py and compare_releases.py's tables, kept apart so they change on their own.
+
+
+def throughput_targets(r: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for x in r["sections"].get("throughput", {}).get("summary", []):
+        if x["workers"] <= 2 and x["n"] >= 10_000:
+            where = f"{x['backend']}, {x['workers']} worker(s)"
+            rows.append(
+                [
+                    f"2. throughput ({where}) ≥ 150 req/s",
+                    f"{x['rate_median']:.1f} req/s",
+                    x["rate_median"] >= 150,
+                ]
+            )
+            rows.append(
+                [
+                    f"2. plain SQLAlchemy loop ÷ accessctl ({where}) ≤ 6",
+                    f"{x['loop_ratio_median']:.2f}×",
+                    x["loop_ratio_median"] <= 6,
+                ]
+            )
+    return rows
 
 
 def _cpu(shares: Sequence[float]) -> str:
@@ -239,209 +346,9 @@ def throughput_probes(r: dict[str, Any]) -> str:
     return table(headers, rows)
 
 
-def filing(r: dict[str, Any]) -> str:
-    rows = [
-        [
-            f["backend"],
-            f["n"],
-            f["before_filing_s"],
-            f["transaction_s"],
-            f["last_round_s"],
-            f["filed_log_s"],
-            f["visible_s"],
-            ", ".join(map(str, f["partial_counts_seen"])) or "none",
-            round(f["n"] / f["transaction_s"]) if f["transaction_s"] else None,
-            f.get("pg_rows_written_per_child"),
-            f["peak_rss_filing_mib"],
-            f["peak_rss_mib"],
-        ]
-        for f in r["sections"]["fanout"]["filing"]
-    ]
-    headers = [
-        "backend",
-        "N",
-        "start-up s",
-        "transaction s",
-        "last round written s",
-        '"batch filed" s',
-        "all visible s",
-        "partial counts seen",
-        "requests / s in the transaction",
-        "Postgres row writes / request",
-        "peak RSS to commit MiB",
-        "peak RSS MiB",
-    ]
-    return table(headers, rows)
-
-
-def detach(r: dict[str, Any]) -> str:
-    rows = [
-        [
-            d["backend"],
-            d["n"],
-            d["wall_s"],
-            d["filed_log_s"],
-            d["transaction_s"],
-            d["workflow_rows_enqueued"],
-            d["peak_rss_mib"],
-            d["exit_code"],
-        ]
-        for d in r["sections"]["fanout"]["detach"]
-    ]
-    headers = [
-        "backend",
-        "N",
-        "wall s",
-        '"batch filed for workers" s',
-        "transaction s",
-        "workflow rows ENQUEUED",
-        "peak RSS MiB",
-        "exit",
-    ]
-    return table(headers, rows)
-
-
-def _rows_of(state: dict[str, Any]) -> str:
-    return f"{state['batches_rows']} / {state['workflow_rows']:,} / {state['input_rows']:,}"
-
-
-def atomicity(r: dict[str, Any]) -> str:
-    rows: list[list[Any]] = []
-    for a in r["sections"]["fanout"]["atomicity"]:
-        for i, k in enumerate(a["kills"], 1):
-            what = f"{k['killed_after_open_s']:.2f} s after the transaction opened; open at the kill: {fmt(k['transaction_open_at_kill'])}"
-            rows.append(
-                [
-                    a["backend"],
-                    a["n"],
-                    f"SIGKILL #{i} while filing",
-                    what,
-                    _rows_of(k["state"]),
-                    "none" if k["none"] else "PARTIAL",
-                ]
-            )
-        rerun = a["rerun"]
-        rows.append(
-            [
-                a["backend"],
-                a["n"],
-                "the same command again",
-                f"exit {rerun['exit_code']} in {rerun['wall_s']:.1f} s",
-                _rows_of(rerun["state"]),
-                "whole" if rerun["whole"] else "PARTIAL",
-            ]
-        )
-    headers = cols(
-        "backend | N | run | what happened | `batches` / workflow / input rows | verdict"
-    )
-    return table(headers, rows)
-
-
-def insert_probe(r: dict[str, Any]) -> str:
-    rows = [
-        [
-            p["backend"],
-            p["n"],
-            p["build_statuses_s"],
-            p["dbos_init_workflows_s"],
-            p["accessctl_executemany_s"],
-            f"{p['ratio']:.1f}×",
-        ]
-        for p in r["sections"]["fanout"].get("insert_probe", [])
-    ]
-    headers = cols(
-        "backend | requests | building the statuses s | DBOS init_workflows s | "
-        "accessctl executemany s | DBOS ÷ accessctl"
-    )
-    return table(headers, rows)
-
-
-def memory(r: dict[str, Any]) -> str:
-    fo = r["sections"]["fanout"]
-    small_n, big_n = fo["sizes"]
-    rows = []
-    for kind in sorted({f["backend"] for f in fo["filing"]}):
-        f = {x["n"]: x for x in fo["filing"] if x["backend"] == kind}
-        d = {x["n"]: x for x in fo["detach"] if x["backend"] == kind}
-        small, big = f[small_n]["peak_rss_mib"], f[big_n]["peak_rss_mib"]
-        rows.append(
-            [
-                kind,
-                small,
-                big,
-                big / small,
-                round((big - small) * 1024 / ((big_n - small_n) / 1000)),
-                f"{f[small_n]['peak_rss_filing_mib']} / {f[big_n]['peak_rss_filing_mib']}",
-                f"{d[small_n]['peak_rss_mib']} / {d[big_n]['peak_rss_mib']}" if d else "–",
-            ]
-        )
-    headers = [
-        "backend",
-        f"peak RSS MiB, {small_n:,}",
-        f"peak RSS MiB, {big_n:,}",
-        "ratio",
-        "KiB per 1,000 requests",
-        "to the commit, MiB (small / big)",
-        "`--detach` peak MiB (small / big)",
-    ]
-    return table(headers, rows)
-
-
-def help_times(r: dict[str, Any]) -> str:
-    times = r["sections"]["startup"]["help"]["times"]
-    return table(
-        ["command", "median ms", "min ms", "runs"], [[k, *_ms(v)] for k, v in times.items()]
-    )
-
-
-def imports(r: dict[str, Any]) -> str:
-    times = r["sections"]["startup"]["imports"]
-    return table(
-        ["imports", "median ms", "min ms", "runs"], [[k, *_ms(v)] for k, v in times.items()]
-    )
-
-
-def errors_times(backend: str) -> Callable[[dict[str, Any]], str]:
-    def render(r: dict[str, Any]) -> str:
-        [e] = [e for e in r["sections"]["startup"]["errors"] if e["backend"] == backend]
-        return table(
-            ["command", "median ms", "min ms", "runs"],
-            [[k, *_ms(v)] for k, v in e["times"].items()],
-        )
-
-    return render
-
-
-def submit(r: dict[str, Any]) -> str:
-    times = r["sections"]["startup"]["submit"]["times"]
-    rows = [[k, f"{v['median_s']:.2f}", f"{v['min_s']:.2f}", v["runs"]] for k, v in times.items()]
-    return table(["command", "median s", "min s", "runs"], rows)
-
-
-def submit_phases(r: dict[str, Any]) -> str:
-    keys = [
-        "database",
-        "total_s",
-        "startup_s",
-        "queue_wait_s",
-        "first_request_wait_s",
-        "requests_done_s",
-        "batch_s",
-        "shutdown_s",
-    ]
-    rows = [[p[k] for k in keys] for p in r["sections"]["startup"]["submit"]["phases"]]
-    headers = cols(
-        "database | total s | start-up s | queue wait s | first request s | "
-        "requests done s | batch s | shutdown s"
-    )
-    return table(headers, rows)
-
-
 def profiles(r: dict[str, Any]) -> str:
     """The hottest frames of every profile recorded (py-spy), by where it was taken."""
     found: list[tuple[str, dict[str, Any]]] = []
-    for p in r["sections"]["fanout"].get("profiles", []):
-        found.append((f"filing {p['n']:,} ({p['backend']})", p["profile"]))
     for x in r["sections"]["throughput"].get("probes", []):
         if x.get("profile"):
             found.append((f"{x['workers']} worker(s) ({x['backend']})", x["profile"]))
@@ -458,46 +365,6 @@ def profiles(r: dict[str, Any]) -> str:
     return table(["profile", "samples", "top roles", "hottest frames (self time)"], rows)
 
 
-def serve(r: dict[str, Any]) -> str:
-    """bench/bench_serve.py: the HTTP face beside the CLI's own calls, per backend."""
-    lines = [
-        "| backend | what | HTTP req/s | p50 / p95 / p99 ms | CLI per call (median) | "
-        "HTTP p50 vs CLI | HTTP req/s vs CLI calls/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for x in r["sections"]["serve"]["results"]:
-        pairs = [
-            (
-                "POST /submit (1 ID)",
-                x["http"]["submit"],
-                x["cli"]["submit_detach"],
-                "`submit ID --detach`",
-            ),
-            (
-                f"GET /errors?limit=50 ({x['rows']:,} rows)",
-                x["http"]["errors"],
-                x["cli"]["errors"],
-                "`errors --limit 50 --json`",
-            ),
-            (
-                "GET /errors page 21 (cursor)",
-                x["http"]["errors_page_21"],
-                x["cli"]["errors"],
-                "`errors --limit 50 --json`",
-            ),
-        ]
-        for label, http, cli, cli_label in pairs:
-            cli_s = cli["median_s"]
-            lines.append(
-                f"| {x['backend']} | {label} | {http['rps']} | "
-                f"{http['p50_ms']} / {http['p95_ms']} / {http['p99_ms']} | "
-                f"{cli_s * 1000:.0f} ms ({cli_label}) | "
-                f"{cli_s * 1000 / http['p50_ms']:.0f}x faster | "
-                f"{http['rps'] * cli_s:.0f}x |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def release_compare(r: dict[str, Any]) -> str:
     """One release against the previous one, measured side by side in one run."""
     section = r["sections"]["release_compare"]
@@ -507,114 +374,14 @@ def release_compare(r: dict[str, Any]) -> str:
     )
 
 
-TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "run": run,
-    "targets": targets,
-    "limiter": limiter,
-    "limiter-probes": limiter_probes,
-    "throughput": throughput,
-    "throughput-probes": throughput_probes,
-    "profiles": profiles,
-    "filing": filing,
-    "detach": detach,
-    "atomicity": atomicity,
-    "insert-probe": insert_probe,
-    "memory": memory,
-    "help": help_times,
-    "imports": imports,
-    "errors-postgres": errors_times("postgres"),
-    "errors-sqlite": errors_times("sqlite"),
-    "submit": submit,
-    "submit-phases": submit_phases,
-    "serve": serve,
-    "release-compare": release_compare,
-}
-
-
-def render(doc: str, results: dict[str, Any]) -> str:
-    """``doc`` with every table block regenerated; a table whose section was not measured
-    this time is left as it was."""
-
-    def one(match: re.Match[str]) -> str:
-        name = match["name"]
-        if name not in TABLES:
-            raise KeyError(f"BENCHMARKS.md names an unknown table {name!r}")
-        try:
-            body = TABLES[name](results)
-        except KeyError:
-            body = match["body"]
-        return match.group(1) + body + match.group(4)
-
-    return BLOCK.sub(one, doc)
-
-
-def plot_limiter(section: dict[str, Any], out: Path) -> None:
-    """The median run of each configuration: starts per second and in the trailing window."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = section["runs"]
-    configs = sorted({(x["limit"], x["period"]) for x in runs})
-    kinds = [k for k in ("sqlite", "postgres") if any(x["backend"] == k for x in runs)]
-    fig, axes = plt.subplots(
-        len(configs), len(kinds), figsize=(6.4 * len(kinds), 3.9 * len(configs)), squeeze=False
-    )
-    for i, (limit, period) in enumerate(configs):
-        for j, kind in enumerate(kinds):
-            ax = axes[i][j]
-            mine = sorted(
-                (x for x in runs if x["backend"] == kind and x["limit"] == limit),
-                key=lambda x: x["overshoot_pct"],
-            )
-            starts: list[float] = mine[(len(mine) - 1) // 2]["starts_rel_s"]
-            horizon = max(starts) + period + 1
-            ax.hist(
-                starts,
-                bins=[float(s) for s in range(math.ceil(horizon) + 1)],
-                alpha=0.75,
-                label="starts in each second",
-            )
-            ts = [k * 0.02 for k in range(int(horizon / 0.02) + 1)]
-            ax.step(
-                ts,
-                [sum(1 for s in starts if t - period < s <= t) for t in ts],
-                where="post",
-                label=f"starts in the trailing {period:g} s",
-            )
-            ax.axhline(limit, color="red", ls="--", lw=1, label=f"L = {limit}")
-            ax.set_title(f"{kind}: {limit}/{period:g}")
-            ax.set_xlabel("seconds since the first start")
-            ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import json
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if a table differs from results.json"
-    )
-    args = parser.parse_args(argv)
-    doc = DOC.read_text(encoding="utf-8")
-    new = render(doc, json.loads(RESULTS.read_text(encoding="utf-8")))
-    if args.check:
-        if new != doc:
-            print(
-                "BENCHMARKS.md's tables differ from bench/results.json: run bench/tables.py",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    return 0
-
+TABLES.update(
+    {
+        "throughput": throughput,
+        "throughput-probes": throughput_probes,
+        "profiles": profiles,
+        "release-compare": release_compare,
+    }
+)
 
 # --- issue #17: idle workers, pickup, scaling out (bench/compare_releases.py) ---------
 
@@ -667,4 +434,4 @@ TABLES.update({"workers-run": workers_facts, "workers-idle": workers_idle, "work
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    write(json.loads(RESULTS.read_text(encoding="utf-8")))

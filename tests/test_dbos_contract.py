@@ -67,19 +67,48 @@ def test_dbos_clock_expression_is_exact_on_our_engine(tmp_path: Path) -> None:
     assert any(v % 1000 for v in values), values
 
 
-def test_claims_go_through_the_serialized_begin(tmp_path: Path) -> None:
-    """On SQLite, DBOS's queue claims run in our BEGIN IMMEDIATE transaction: if DBOS
-    stopped calling ``_begin`` for them, this count would stay at zero."""
+def test_claims_go_through_the_serialized_begin(cli: Cli) -> None:
+    """DBOS's queue claims run in our serialized transaction (SQLite: BEGIN IMMEDIATE;
+    Postgres: in turn, behind an advisory lock): if DBOS stopped calling ``_begin`` for
+    them, this count would stay at zero."""
+    from dbos._sys_db_postgres import PostgresSystemDatabase
     from dbos._sys_db_sqlite import SQLiteSystemDatabase
 
-    tool = Cli(f"sqlite:///{tmp_path / 'claims.sqlite'}")
-    assert tool("migrate").exit_code == 0
     before = dbos_compat.serialized_claims
-    result = tool("submit", *SEED, "--json")
+    result = cli("submit", *SEED, "--json")
     assert result.exit_code == 1, result.stderr
     assert json.loads(result.stdout)["failed"] == 4
     assert dbos_compat.serialized_claims > before
-    assert SQLiteSystemDatabase._begin.__qualname__.endswith("_begin_immediate")
+    if cli.database_url.startswith("sqlite"):
+        assert SQLiteSystemDatabase._begin.__qualname__.endswith("_begin_immediate")
+    else:
+        assert PostgresSystemDatabase._begin.__qualname__.endswith("_begin_in_turn")
+
+
+def test_dbos_loops_wait_through_the_pacer(cli: Cli) -> None:
+    """After a run, DBOS's queue threads, queue manager, scheduler and delayed-work job
+    are ours (looked up by name at launch), and every claim told the pacer what it found:
+    were DBOS to call its loops by other names, the run would still work, and this fails."""
+    from dbos import _dbos, _queue
+
+    from accessctl import pacing
+
+    result = cli("submit", *SEED, "--json")
+    assert result.exit_code == 1, result.stderr
+    assert getattr(_queue.queue_worker_thread, "_accessctl_paced", False)
+    for name in ("queue_thread", "dynamic_scheduler_loop", "background_jobs_thread"):
+        assert getattr(_dbos, name).__qualname__.startswith("pace_dbos_loops."), name
+    assert pacing.pacer().activities > 0  # the claims reported to this run's pacer
+
+
+def test_a_dbos_without_a_paced_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbos import _queue
+
+    from accessctl.exceptions import ConfigError
+
+    monkeypatch.delattr(_queue, "queue_worker_thread")
+    with pytest.raises(ConfigError, match="queue_worker_thread"):
+        dbos_compat.pace_dbos_loops()
 
 
 def test_a_dbos_without_the_hooked_method_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

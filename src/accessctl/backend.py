@@ -7,6 +7,8 @@
 - ``begin_write``: a transaction that reads before it writes takes SQLite's write lock
   first (``BEGIN IMMEDIATE``): otherwise it fails, instead of waiting, when another
   writer got in between. Postgres needs nothing.
+- ``announce_work``: tell idle executors, committed with the work, that there is new
+  work (Postgres ``NOTIFY``; SQLite executors see the database file change instead).
 - ``ADVISORY_LOCK_OF_ID`` (Postgres): the ``pg_locks`` predicate of the session advisory
   lock keyed by an executor ID, as the lease takes it and readers probe it.
 
@@ -39,6 +41,9 @@ class Backend:
     def begin_write(self, conn: sa.Connection) -> None:
         """Call first in a transaction that reads before it writes."""
 
+    def announce_work(self, conn: sa.Connection) -> None:
+        """Call in a transaction that queues work: idle executors wake when it commits."""
+
 
 class SQLiteBackend(Backend):
     name = "sqlite"
@@ -65,8 +70,15 @@ class PostgresBackend(Backend):
         f"AND objid::bigint = ({ADVISORY_KEY} & 4294967295)"
     )
 
+    # The channel new work is announced on (pacing.WorkListener listens).
+    WORK_CHANNEL = "accessctl_work"
+
     def dbos_table(self, name: str = "workflow_status") -> str:
         return f"dbos.{name}"
+
+    def announce_work(self, conn: sa.Connection) -> None:
+        # Delivered at commit, once per transaction however often it is sent.
+        conn.exec_driver_sql(f"SELECT pg_notify('{self.WORK_CHANNEL}', '')")
 
 
 SQLITE = SQLiteBackend()

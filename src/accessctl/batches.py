@@ -19,6 +19,7 @@ import structlog
 
 from accessctl.exceptions import ExitCode, Interrupted, UsageError
 from accessctl.inputs import InvalidInput
+from accessctl.pacing import FollowPace
 from accessctl.settings import Settings
 from accessctl.workflows import (
     Summary,
@@ -142,7 +143,8 @@ def run_attached(
         handle: WorkflowHandle[Summary] | None = DBOS.retrieve_workflow(batch_workflow_id(batch_id))
     except error.DBOSNonExistentWorkflowError:
         handle = None  # its records were pruned: it ended, and its row keeps the outcome
-    interval = follow_interval(poll_interval, request.total)
+    pace = FollowPace(follow_interval(poll_interval, request.total))
+    interval = pace.base
     last: dict[str, Any] | None = None
     while True:
         try:
@@ -162,6 +164,7 @@ def run_attached(
             "recorded": report["recorded"],
             "failed": report["failed"],
         }
+        interval = pace.after(progress != last)
         if progress != last:
             on_progress(progress)
             last = progress

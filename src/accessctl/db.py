@@ -164,9 +164,16 @@ def make_engine(
     connect_timeout: float = 5.0,
     create_dir: bool = False,
     pool_size: int = 3,
+    pre_ping: bool = True,
 ) -> sa.Engine:
-    """An engine for ``url``: exact clocks and WAL on SQLite, a
-    bounded connect timeout and liveness checks on Postgres."""
+    """An engine for ``url``: exact clocks and WAL on SQLite, a bounded connect timeout
+    on Postgres, and there, with ``pre_ping``, a liveness check at every checkout.
+
+    An executing process turns the check off: it is a round trip (and a transaction in
+    ``pg_stat_database``) per checkout, half of what a request cost (BENCHMARKS.md,
+    "Transactions per request"). Without it a connection the server closed fails its
+    first statement instead; SQLAlchemy then replaces every older connection of the pool,
+    DBOS retries its own statements, and ours retry transient faults (workflows._run_tx)."""
     import sqlalchemy as sa
     from sqlalchemy import event
 
@@ -189,7 +196,7 @@ def make_engine(
         return engine
     return sa.create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         # ``pool_size`` connections stay open; bursts above it open overflow connections,
         # closed again on return. Read-only commands keep few; an executing process keeps
         # enough for its work, since a new Postgres connection costs a server process.

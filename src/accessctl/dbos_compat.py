@@ -48,6 +48,17 @@ dequeue gate           A process whose lease is lost must start    test_lease.py
                        pause a launched process's dequeuing        test_faults.py::test_database_
                        (``listen_queues`` is before launch only;   restart_runs_every_request_
                        stopping queue threads is for good).        once
+polling pace           DBOS polls every queue at a fixed interval, test_pacing.py; test_dbos_
+(``pace_dbos_loops``)  re-reading its row each time, lists queues  contract.py::test_dbos_loops_
+                       and runs its delayed-work job every second: wait_through_the_pacer;
+                       ~80 transactions a second for an idle       bench/ (idle workers)
+                       worker, with no setting to change it. Its
+                       loops wait through our pacer instead.
+claim turns            DBOS claims in REPEATABLE READ with NOWAIT  test_dbos_contract.py::
+(``serialize_          row locks: overlapping claimers fail, and   test_claims_go_through_the_
+postgres_claims``)     DBOS doubles the interval after a failure,  serialized_begin; test_faults
+                       so more workers were slower. Claims take    .py (3 processes, one limit)
+                       turns behind an advisory lock instead.
 execution token        Before a provider call, a request checks    test_lease.py::test_a_
 (``execution_token``)  it still owns its workflow (it may have     replaced_execution_does_not_
                        been adopted while its lease was lost);     call; every provider test
@@ -180,8 +191,13 @@ def stop_dequeuing() -> None:
     """Stop this process's DBOS queue threads: nothing new is dequeued from here on."""
     from dbos._dbos import _get_dbos_instance
 
-    for stop in _get_dbos_instance().background_thread_stop_events:
+    from accessctl.pacing import pacer
+
+    dbos = _get_dbos_instance()
+    for stop in dbos.background_thread_stop_events:
         stop.set()
+    dbos._background_jobs_stop_event.set()  # our delayed-work loop (pace_dbos_loops)
+    pacer().wake()  # paced waits see their stop now, not at their next check
 
 
 def requests_running(queue_name: str) -> int:
@@ -328,3 +344,220 @@ def requeue_for_adoption(workflow_id: str, executor_id: str) -> None:
     _recover_workflow(
         _get_dbos_instance(), GetPendingWorkflowsOutput(workflow_id=workflow_id), [executor_id]
     )
+
+
+# --- pacing ---------------------------------------------------------------------------------
+
+
+class _PacedStop:
+    """What a DBOS polling loop sees as its stop event: ``is_set``/``set`` are the real
+    event's; ``wait`` is the pacer's (pacing.py), so an idle loop sleeps long and a
+    wake-up, a due time or an opening window ends the sleep early."""
+
+    def __init__(self, real: threading.Event, name: str) -> None:
+        self.real = real
+        self.name = name
+
+    def is_set(self) -> bool:
+        return self.real.is_set()
+
+    def set(self) -> None:
+        self.real.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        from accessctl.pacing import pacer
+
+        return pacer().wait(self.real, timeout or 0.0, self.name)
+
+
+class _SlowStop(_PacedStop):
+    """DBOS's queue manager only (re)starts queue threads, and our queues exist before
+    launch; its schedule poller looks for schedules, and accessctl has none: both look
+    every ``MANAGER_SEC`` instead of every second."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.real.wait(MANAGER_SEC)
+
+
+_in_queue_thread = threading.local()
+# How often DBOS's queue manager lists the queues and its scheduler the schedules (DBOS:
+# every second, the scheduler for its first minute).
+MANAGER_SEC = 30.0
+# How often a busy process moves due delayed tries onto their queue (DBOS: every second).
+DELAYED_SEC = 1.0
+# How long a process reuses a queue's row it read (DBOS re-reads it on every poll).
+QUEUE_ROW_TTL_SEC = 1.0
+
+
+def pace_dbos_loops() -> None:
+    """Make DBOS's polling loops wait through this process's pacer (pacing.py).
+
+    DBOS 3.4 polls every queue at its fixed interval whether or not anything is queued
+    (re-reading the queue's row each time), lists the queues every second, and takes a
+    lock for its delayed-work job every second: about 80 transactions a second for an
+    idle worker (BENCHMARKS.md, "Idle workers"). There is no setting for any of it. We
+    hand each loop a stop event whose ``wait`` is the pacer's (``_queue.queue_worker_thread``,
+    ``_dbos.queue_thread`` and ``_dbos.dynamic_scheduler_loop`` are looked up by name when
+    DBOS launches), run the delayed-work job ourselves at the pacer's pace, cache each
+    queue's row for ``QUEUE_ROW_TTL_SEC`` in its queue thread, and tell the pacer what
+    every claim found. Installed before launch; installing twice installs once."""
+    from dbos import _dbos, _queue
+    from dbos._sys_db import SystemDatabase
+
+    for owner, attribute in (
+        (_queue, "queue_worker_thread"),
+        (_dbos, "queue_thread"),
+        (_dbos, "background_jobs_thread"),
+        (_dbos, "dynamic_scheduler_loop"),
+        (SystemDatabase, "start_queued_workflows"),
+        (SystemDatabase, "get_queue"),
+        (SystemDatabase, "transition_delayed_workflows"),
+    ):
+        if not callable(getattr(owner, attribute, None)):
+            raise ConfigError(
+                f"DBOS {installed_dbos_version()} has no {attribute}; accessctl cannot pace "
+                "its polling on it (see dbos_compat.py)"
+            )
+    if getattr(_queue.queue_worker_thread, "_accessctl_paced", False):
+        return
+
+    worker_thread: Any = _queue.queue_worker_thread
+    manager_thread: Any = _dbos.queue_thread  # type: ignore[attr-defined]
+    scheduler_loop: Any = _dbos.dynamic_scheduler_loop  # type: ignore[attr-defined]
+
+    def paced_worker(stop_event: Any, dbos: Any, queue: Any) -> None:
+        real = stop_event.real if isinstance(stop_event, _PacedStop) else stop_event
+        _in_queue_thread.active = True  # only a queue thread's own re-reads are cached
+        worker_thread(_PacedStop(real, queue.name), dbos, queue)
+
+    def paced_manager(stop_event: Any, dbos: Any) -> None:
+        manager_thread(_SlowStop(stop_event, "manager"), dbos)
+
+    def paced_scheduler(stop_event: Any, polling_interval_sec: float) -> None:
+        scheduler_loop(_SlowStop(stop_event, "scheduler"), polling_interval_sec)
+
+    def paced_jobs(stop_event: threading.Event, dbos: Any) -> None:
+        # DBOS's job also cancels workflows past their timeout; accessctl sets none.
+        paced = _PacedStop(stop_event, "delayed")
+        while True:
+            try:
+                dbos._sys_db.transition_delayed_workflows()
+            except Exception as exc:
+                if not stop_event.is_set():
+                    dbos.logger.warning(f"Exception moving delayed workflows: {exc}")
+            if paced.wait(DELAYED_SEC):
+                return
+
+    claim: Any = SystemDatabase.start_queued_workflows
+    read_queue: Any = SystemDatabase.get_queue
+    rows: dict[tuple[int, str], tuple[float, int, Any]] = {}
+
+    @functools.wraps(claim)
+    def reported_claim(self: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
+        from accessctl.pacing import pacer
+
+        claimed, reason = claim(self, queue, *args, **kwargs)
+        paced = pacer()
+        if claimed:
+            paced.activity()
+            paced.release(queue.name)
+        elif reason == "limiter" and queue._limiter is not None:
+            paced.activity()
+            opens_in = window_opens_in(self, queue)
+            if opens_in > 0:
+                paced.hold(queue.name, opens_in + 0.002)
+        elif reason is not None:
+            paced.activity()  # a full concurrency limit: work is waiting
+        return claimed, reason
+
+    @functools.wraps(read_queue)
+    def cached_queue(self: Any, name: str, **kwargs: Any) -> Any:
+        if kwargs or not getattr(_in_queue_thread, "active", False):
+            return read_queue(self, name, **kwargs)
+        from accessctl.pacing import pacer
+
+        # A wake-up (new work, `limit set`) drops the cached row: the next claim counts
+        # with the row as it is now.
+        now, generation = time.monotonic(), pacer().generation
+        hit = rows.get((id(self), name))
+        if hit is not None and now - hit[0] < QUEUE_ROW_TTL_SEC and hit[1] == generation:
+            return hit[2]
+        row = read_queue(self, name)
+        rows[(id(self), name)] = (now, generation, row)
+        return row
+
+    paced_worker._accessctl_paced = True  # type: ignore[attr-defined]
+    _queue.queue_worker_thread = paced_worker
+    _dbos.queue_thread = paced_manager  # type: ignore[attr-defined]
+    _dbos.background_jobs_thread = paced_jobs  # type: ignore[attr-defined]
+    _dbos.dynamic_scheduler_loop = paced_scheduler  # type: ignore[attr-defined]
+    SystemDatabase.start_queued_workflows = reported_claim  # type: ignore[method-assign]
+    SystemDatabase.get_queue = cached_queue  # type: ignore[method-assign]
+
+
+def window_opens_in(sys_db: Any, queue: Any) -> float:
+    """Seconds until ``queue``'s rate-limit window has room again: when the L-th most
+    recent start counted by DBOS's limiter leaves the window. The same predicate and the
+    same (database) clock as the limiter's count in ``start_queued_workflows``; 0 when
+    the window has room now."""
+    import sqlalchemy as sa
+    from dbos import WorkflowStatusString
+
+    limiter = queue._limiter
+    ws = sys_db.tables.workflow_status
+    period_ms = int(limiter["period"] * 1000)
+    now = sys_db._now_ms_sql()
+    lth_start = (
+        sa.select(ws.c.started_at_epoch_ms)
+        .where(*sys_db._scoped(ws))
+        .where(ws.c.queue_name == queue.name)
+        .where(ws.c.rate_limited == sa.literal_column("TRUE"))
+        .where(
+            ws.c.status.notin_(
+                [WorkflowStatusString.ENQUEUED.value, WorkflowStatusString.DELAYED.value]
+            )
+        )
+        .where(ws.c.started_at_epoch_ms > now - period_ms)
+        .where(sys_db._name_filter(ws.c.application_name, sys_db.app_name))
+        .order_by(ws.c.started_at_epoch_ms.desc())
+        .offset(max(0, int(limiter["limit"]) - 1))
+        .limit(1)
+        .scalar_subquery()
+    )
+    with sys_db.engine.connect() as conn:
+        ms = conn.execute(sa.select(lth_start + period_ms - now)).scalar()
+    return max(0.0, float(ms) / 1000) if ms is not None else 0.0
+
+
+def serialize_postgres_claims() -> None:
+    """Make DBOS's queue claims on Postgres take turns: READ COMMITTED behind one
+    transaction-scoped advisory lock, instead of REPEATABLE READ with ``NOWAIT`` row
+    locks. Under DBOS's isolation, claimers that overlap fail (lock conflicts,
+    serialization failures) and DBOS answers a failure by doubling that queue's polling
+    interval, so several busy workers slowed each other down (BENCHMARKS.md, "Workers").
+    Taking turns keeps the limiter exact: each claim counts the window after the previous
+    claim committed (the lock is released only once its commit is visible)."""
+    from dbos._sys_db_postgres import PostgresSystemDatabase
+
+    if not callable(getattr(PostgresSystemDatabase, "_begin", None)):
+        raise ConfigError(
+            f"DBOS {installed_dbos_version()} has no SystemDatabase._begin; accessctl "
+            "cannot serialize Postgres queue claims on it (see dbos_compat.py)"
+        )
+    if getattr(PostgresSystemDatabase._begin, "_accessctl_serialized", False):
+        return
+
+    @contextlib.contextmanager
+    def _begin_in_turn(self: Any, isolation: str | None) -> Iterator[Any]:
+        global serialized_claims
+        serialized_claims += 1
+        with self.engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({CLAIM_LOCK_KEY})")
+            yield conn
+
+    _begin_in_turn._accessctl_serialized = True  # type: ignore[attr-defined]
+    PostgresSystemDatabase._begin = _begin_in_turn  # type: ignore[method-assign]
+
+
+# The advisory lock claims take turns on (an arbitrary constant, "accessctl-claims").
+CLAIM_LOCK_KEY = 0x616363657373636C

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from accessctl.backend import for_engine
 from accessctl.dbos_compat import build_enqueue_status, bulk_enqueue
 from accessctl.exceptions import UsageError
 from accessctl.models import Batch, Error, utcnow
+from accessctl.pacing import pacer
 from accessctl.workflows import (
     BATCH_QUEUE_NAME,
     QUEUE_NAME,
@@ -81,8 +83,6 @@ def _enqueue(
 
 @contextlib.contextmanager
 def _write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
-    from accessctl.backend import for_engine
-
     with engine.connect() as conn, conn.begin():
         # Take SQLite's write lock first: a read-then-write transaction there fails
         # instead of waiting when another writer got in between.
@@ -164,6 +164,8 @@ def file_batch(
                 # In chunks, so the built rows (all that is held in memory) stay few.
                 while chunk := list(itertools.islice(requests, CHUNK)):
                     _enqueue(client, conn, chunk, created_ms)
+            for_engine(conn).announce_work(conn)
+        pacer().wake()  # this process's own loops, if it executes
         return True
     except IntegrityError:
         # A concurrent run with the same key committed the batch first: attach to it.

@@ -54,6 +54,8 @@ LEASE_FENCE_SEC = 3.0
 # A failed re-acquire is tried again this many times per round, this far apart: another
 # process's adopter takes our lock for an instant whenever it probes whether it is free.
 ACQUIRE_TRIES = 3
+# An on-demand confirmation (``confirm_now``) is tried at most this often.
+CONFIRM_RETRY_SEC = 0.5
 ACQUIRE_RETRY_SEC = 0.05
 
 
@@ -69,9 +71,16 @@ _process_lease: Lease | None = None
 def lease_confirmed() -> bool:
     """Whether this process may start work now: it holds an executor lease, confirmed
     within ``LEASE_FENCE_SEC``. False with no lease (before acquire, after release): a
-    straggling thread of a process that has let its lease go must not call anyone."""
+    straggling thread of a process that has let its lease go must not call anyone.
+
+    An idle process confirms its lease only every ``pacing.IDLE_POLL_SEC``; when work
+    comes, the first look here confirms it on the spot (one query) before any start."""
     lease = _process_lease
-    return lease is not None and lease.confirmed()
+    if lease is None:
+        return False
+    if not lease.confirmed():
+        lease.confirm_now()
+    return lease.confirmed()
 
 
 class Lease:
@@ -80,6 +89,7 @@ class Lease:
     def __init__(self, engine: sa.Engine, executor_id: str) -> None:
         self.engine = engine
         self.executor_id = executor_id
+        self._last_on_demand = -CONFIRM_RETRY_SEC
 
     def acquire(self) -> None:
         raise NotImplementedError
@@ -99,6 +109,15 @@ class Lease:
 
     def keep_alive(self) -> None:
         """Confirm the lease, or re-acquire it if it was lost (e.g. the database restarted)."""
+
+    def confirm_now(self) -> None:
+        """An unconfirmed lease is about to be relied on: check it now (not more than
+        every ``CONFIRM_RETRY_SEC``, so a fenced process does not hammer the database)."""
+        now = time.monotonic()
+        if now - self._last_on_demand < CONFIRM_RETRY_SEC:
+            return
+        self._last_on_demand = now
+        self.keep_alive()
 
     def adoption_grace(self, call_timeout: float | None) -> float:
         """How long another executor's lease must stay free before its work is adopted."""
@@ -307,6 +326,9 @@ class AdvisoryLease(Lease):
             executor=self.executor_id,
             lost_for_sec=round(lost_for, 1),
         )
+        from accessctl.pacing import pacer
+
+        pacer().wake()  # whatever waited for the lease starts now
 
     def is_free(self, other_id: str) -> bool:
         with self._lock:
@@ -500,6 +522,10 @@ class Adopter:
             for workflow_id in ready:
                 # What DBOS's own recovery does: back to its queue, restarted through it.
                 requeue_for_adoption(workflow_id, executor_id)
+            if ready:
+                from accessctl.pacing import pacer
+
+                pacer().wake()
             if not waiting:
                 self._free_since.pop(executor_id, None)
                 self.lease.forget(executor_id)
@@ -521,16 +547,27 @@ class Adopter:
     def _keep(self) -> None:
         # The first check at once: launching DBOS since the acquire may have taken longer
         # than the fence, and until a check confirms the lease nothing is dequeued.
+        from accessctl.pacing import pacer
+
         while True:
             try:
                 self.lease.keep_alive()
             except Exception as exc:  # keep_alive handles database faults; never die here
                 self._report("executor lease check failed", exc)
-            if self._stop.wait(LEASE_CHECK_SEC):
+            # Idle, it checks seldom: work coming in confirms it first (lease_confirmed).
+            if pacer().wait(self._stop, LEASE_CHECK_SEC, "lease"):
                 return
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        from accessctl.pacing import pacer
+
+        while True:
+            # An executor seen free is looked at on time until the grace is over.
+            if self._free_since:
+                if self._stop.wait(self.interval):
+                    return
+            elif pacer().wait(self._stop, self.interval, "adopter"):
+                return
             try:
                 self.adopt_once()
             except Exception as exc:  # a passing database fault: try again next round
@@ -550,7 +587,10 @@ class Adopter:
             log.error(event, error=type(exc).__name__, detail=detail, exc_info=exc)
 
     def stop(self) -> None:
+        from accessctl.pacing import pacer
+
         self._stop.set()
+        pacer().wake()  # its paced waits see the stop now
         for thread in (self._thread, self._keeper):
             if thread.is_alive():
                 thread.join(timeout=self.interval + 5)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from accessctl.backend import for_engine
 from accessctl.exceptions import UsageError
 from accessctl.settings import RateLimit, Settings
 
@@ -204,6 +205,8 @@ def _write(
         "concurrency": limit.concurrency,
     }
     with engine.begin() as conn:
+        # Executors holding a queue until its window opens look again now, at this limit.
+        for_engine(conn).announce_work(conn)
         if overwrite:
             conn.execute(sa.insert(LimitChange).values(**values))
         else:

@@ -23,6 +23,7 @@ from accessctl.db import (
     hide_password,
     make_engine,
     normalize_url,
+    sqlite_path,
 )
 from accessctl.exceptions import ConfigError, SchemaNotMigrated
 from accessctl.limits import SharedLimit, check_configured, ensure_shared_limit, following
@@ -32,9 +33,12 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
     from dbos import DBOSClient
 
+    from accessctl.pacing import Waker
     from accessctl.provider import ProviderConfig
 
 log = structlog.get_logger(__name__)
+
+NOTIFY_COALESCE_SEC = 0.5
 
 
 @dataclass
@@ -45,7 +49,9 @@ class Runtime:
     client: DBOSClient
 
 
-def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -> sa.Engine:
+def open_engine(
+    settings: Settings, *, pool_size: int = 3, check: bool = True, pre_ping: bool = True
+) -> sa.Engine:
     """An engine on the configured database, checked to be reachable (exit 3 if not) and,
     with ``check`` (executing and migrating), a SQLite file checked to be undamaged."""
     engine = make_engine(
@@ -53,6 +59,7 @@ def open_engine(settings: Settings, *, pool_size: int = 3, check: bool = True) -
         connect_timeout=settings.connect_timeout,
         create_dir=settings.database_url_source == "default",
         pool_size=pool_size,
+        pre_ping=pre_ping,
     )
     try:
         check_connection(engine)
@@ -112,6 +119,9 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
         # `accessctl migrate` (or the embedded first run) owns the schema.
         "run_migrations": False,
         "notification_listener_polling_interval_sec": settings.poll_interval,
+        # DBOS flushes its event notifications every 10 ms by default: a hundred wake-ups
+        # a second in every process, for events accessctl does not use.
+        "notification_coalesce_sec": NOTIFY_COALESCE_SEC,
         "max_executor_threads": max(64, settings.concurrency * 4),
         # DBOS sets its logger's level from this; keep what logs.configure_logging chose.
         "log_level": logging.getLevelName(logging.getLogger("dbos").getEffectiveLevel()),
@@ -168,13 +178,37 @@ def shared_limit_for(settings: Settings, client: DBOSClient, engine: sa.Engine) 
     return shared
 
 
+def start_pacing(engine: sa.Engine, settings: Settings) -> Waker:
+    """A fresh pacer for this runtime (pacing.py), DBOS's loops hooked to it, and the
+    thread that wakes it (returned, to stop): on Postgres a LISTEN, on SQLite a look at
+    the database file."""
+    from accessctl import pacing
+    from accessctl.dbos_compat import pace_dbos_loops, requests_running
+    from accessctl.workflows import QUEUE_NAME
+
+    pace_dbos_loops()
+    pacer = pacing.reset()
+    pacer.count_running(lambda: requests_running(QUEUE_NAME))
+    waker: Waker = (
+        pacing.FileWatcher(sqlite_path(normalize_url(settings.database_url)), pacer)
+        if settings.is_sqlite
+        else pacing.WorkListener(engine, pacer)
+    )
+    waker.start()
+    return waker
+
+
 @contextlib.contextmanager
 def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     """Launch DBOS in this process as an executor of the access-request queue."""
     from dbos import DBOS, error
 
     from accessctl import workflows
-    from accessctl.dbos_compat import check_dbos_version, serialize_sqlite_claims
+    from accessctl.dbos_compat import (
+        check_dbos_version,
+        serialize_postgres_claims,
+        serialize_sqlite_claims,
+    )
     from accessctl.lease import Adopter, gate_dequeue_on_lease, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
 
@@ -182,10 +216,11 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     # and the batch followers a few more: keep that many open, or requests pay for new
     # Postgres server processes (docs/operations.md, "Database connections").
     check_dbos_version()
-    engine = open_engine(settings, pool_size=settings.concurrency + 6)
+    engine = open_engine(settings, pool_size=settings.concurrency + 6, pre_ping=False)
     lease = None
     adopter = None
     client = None
+    listener = None
     launched = False
     try:
         ensure_schema(engine, auto_create=settings.is_sqlite)
@@ -205,7 +240,10 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         settings = following(settings, shared)
         if settings.is_sqlite:
             serialize_sqlite_claims()
+        else:
+            serialize_postgres_claims()
         gate_dequeue_on_lease()  # before launch: DBOS starts dequeuing inside it
+        listener = start_pacing(engine, settings)
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
         provider = provider_config(settings, shared)
         # Before launch: queued work from an earlier run may start the moment DBOS is up.
@@ -237,6 +275,8 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         else:
             with contextlib.suppress(Exception):
                 DBOS.destroy()
+        if listener is not None:
+            listener.stop()
         workflows.unbind()
         if client is not None:
             client.destroy()

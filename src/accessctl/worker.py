@@ -95,6 +95,7 @@ class WorkerReport:
         self.last_progress: dict[str, float] = {}
         self.finished: list[dict[str, Any]] = []
         self.last_check = -CHECK_EVERY
+        self.seen_activities = -1
         self.last_metrics = self.started
         self.last_success = 0.0
 
@@ -108,9 +109,18 @@ class WorkerReport:
             return None
 
     def poll(self) -> None:
+        from accessctl.pacing import pacer
+
         now = self.clock()
         if now - self.last_check < CHECK_EVERY:
             return
+        activities = pacer().activities
+        if not self.tracked and activities == self.seen_activities:
+            # Nothing claimed or waiting since the last look, and no batch in hand: the
+            # database has nothing new for this report (an idle worker reads nothing).
+            self._maybe_write_metrics(now)
+            return
+        self.seen_activities = activities
         self.last_check = now
         poll_ms = int(time.time() * 1000)
         # A little overlap: a row updated while we read is seen on the next poll.
@@ -133,6 +143,9 @@ class WorkerReport:
             elif now - self.last_progress[batch_id] >= self.progress_every:
                 self.last_progress[batch_id] = now
                 log.info("batch progress", **_counts(status))
+        self._maybe_write_metrics(now)
+
+    def _maybe_write_metrics(self, now: float) -> None:
         if self.metrics_file is not None and now - self.last_metrics >= METRICS_EVERY:
             self.last_metrics = now
             self.write_metrics(running=True)
@@ -159,6 +172,7 @@ class WorkerReport:
     def close(self, *, stopped: bool) -> dict[str, Any]:
         """Last look at the batches in hand, then the summary line (and metrics)."""
         self.last_check = -CHECK_EVERY
+        self.seen_activities = -1
         try:
             self.poll()
         except sa.exc.SQLAlchemyError as exc:  # stopping anyway: say so, keep the summary

@@ -28,6 +28,7 @@ from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, WorkflowStatusString
 from accessctl.batch_state import WORKFLOW_ENDED, WORKFLOW_IN_FLIGHT
 from accessctl.db import dbos_table, describe_db_error, sqlstate_of
 from accessctl.models import Access, AccessStatus, Batch, Error, User, utcnow
+from accessctl.pacing import FollowPace, pacer
 
 if TYPE_CHECKING:
     from dbos import DBOSClient
@@ -428,6 +429,8 @@ def _enqueue_next(
             # they were, and a request the previous release queued replays as it was.
             *((idempotency_key,) if idempotency_key else ()),
         )
+    if delay > 0:
+        pacer().due_in(delay)  # stay awake for it, however idle this process is by then
 
 
 def _provider_attempt(
@@ -649,6 +652,8 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
     rt = _runtime()
     engine = rt.engine
     last_done, quiet_since = -1, time.monotonic()
+    pace = FollowPace(follow_interval(rt.poll_interval, total))
+    changed = True
     while True:
         try:
             recorded, failed = outcome_counts(engine, batch_id)
@@ -661,7 +666,8 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
                     "recorded": recorded,
                     "failed": failed,
                 }
-            if recorded + failed != last_done:
+            changed = recorded + failed != last_done
+            if changed:
                 last_done, quiet_since = recorded + failed, time.monotonic()
             elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
                 _record_ended_requests(engine, batch_id)
@@ -670,7 +676,7 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
             # A lost connection or a restarting database: read again at the next turn.
             if not is_transient(exc):
                 raise
-        time.sleep(follow_interval(rt.poll_interval, total))
+        time.sleep(pace.after(changed))
 
 
 def follow_interval(poll_interval: float, total: int) -> float:
