@@ -81,8 +81,10 @@ def idle_and_pickup(trees: dict[str, str], quick: bool) -> dict[str, Any]:
                 proc = common.spawn_cli(env, ["worker"], f"{tag}-worker")
             stack.callback(proc.kill, signal.SIGTERM)
             live.append({"tree": label, "backend": kind, "limit": limit, "b": b, "env": env, "exe": exe, "proc": proc, "tag": tag})
-        for x in live:
-            assert common.wait_for_event(x["proc"].name, ["worker started"], x["proc"], 120), x["proc"].name
+        for x in live:  # all up (imports, schema check, DBOS launch) before the warm-up
+            while not common.find_event(x["proc"].name, ["worker started"]):
+                assert x["proc"].poll() is None, f"{x['proc'].name} exited"
+                time.sleep(0.1)
         time.sleep(warm)
         before = [(proc_cpu_s(x["proc"].pid), xacts(x["b"])) for x in live]
         t0 = time.monotonic()
@@ -123,7 +125,7 @@ def pickup(x: dict[str, Any]) -> float | None:
 def dbos_plain(n: int, mode: str, tag: str) -> dict[str, Any]:
     with common.backend("postgres", tag) as b:
         cmd = [sys.executable, __file__, "dbos-plain", b.url, str(n), mode]
-        with common.stderr_file(f"{tag}-dbos") as err:
+        with open(common.stderr_path(f"{tag}-dbos"), "ab") as err:
             out = subprocess.run(cmd, env=common.base_env(), stdout=subprocess.PIPE, stderr=err, text=True, timeout=900)
         assert out.returncode == 0, f"{cmd} exited {out.returncode}; see {common.LOG_DIR}"
         res = json.loads(out.stdout.splitlines()[-1])
@@ -218,7 +220,8 @@ def main() -> int:
     results = json.loads(tables.RESULTS.read_text())
     results["sections"]["workers"] = run(args.quick, args.base, args.tree)
     common.save_json(tables.RESULTS, results)
-    return tables.main([])  # BENCHMARKS.md's tables
+    tables.write(results)  # BENCHMARKS.md's tables
+    return 0
 
 
 if __name__ == "__main__":

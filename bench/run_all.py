@@ -1,8 +1,8 @@
 """Run the benchmarks, write bench/results.json and bench/limiter.png, and regenerate
 BENCHMARKS.md's tables (its prose is edited by hand: bench/tables.py).
 
-    uv run --group bench python bench/run_all.py            # everything (~40 min)
-    uv run --group bench python bench/run_all.py --quick    # smaller sizes (~12 min)
+    uv run --group bench python bench/run_all.py            # everything (~25 min)
+    uv run --group bench python bench/run_all.py --quick    # smaller sizes (~7 min)
     uv run --group bench python bench/run_all.py --only limiter,startup
     uv run --group bench python bench/run_all.py --report-only   # tables and plot only
 
@@ -22,7 +22,6 @@ import bench_fanout
 import bench_limiter
 import bench_startup
 import bench_throughput
-import compare_releases
 import tables
 from common import BENCH, LOG_DIR, load_average, load_json, log, machine_facts, save_json, versions
 
@@ -31,7 +30,6 @@ SECTIONS = {
     "throughput": bench_throughput.run,
     "fanout": bench_fanout.run,
     "startup": bench_startup.run,
-    "workers": compare_releases.run,  # issue #17, beside the 0.2.0 tree when it is there
 }
 RESULTS = BENCH / "results.json"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -365,27 +366,6 @@ def profiles(r: dict[str, Any]) -> str:
     return table(["profile", "samples", "top roles", "hottest frames (self time)"], rows)
 
 
-def release_compare(r: dict[str, Any]) -> str:
-    """One release against the previous one, measured side by side in one run."""
-    section = r["sections"]["release_compare"]
-    return table(
-        ["what", "backend", section["baseline"].split(" ")[0], "this release", "ratio"],
-        section["rows"],
-    )
-
-
-TABLES.update(
-    {
-        "throughput": throughput,
-        "throughput-probes": throughput_probes,
-        "profiles": profiles,
-        "release-compare": release_compare,
-    }
-)
-
-# --- issue #17: idle workers, pickup, scaling out (bench/compare_releases.py) ---------
-
-
 def _med(values: Sequence[float | None]) -> float | None:
     got = [v for v in values if v is not None]
     return statistics.median(got) if got else None
@@ -430,8 +410,26 @@ def workers_scaling(r: dict[str, Any]) -> str:
                       "steady req/s | Postgres transactions / request"), rows)  # fmt: skip
 
 
-TABLES.update({"workers-run": workers_facts, "workers-idle": workers_idle, "workers-scaling": workers_scaling})
+def release_compare(r: dict[str, Any]) -> str:
+    """One release against the previous one, measured side by side in one run."""
+    section = r["sections"]["release_compare"]
+    return table(
+        ["what", "backend", section["baseline"].split(" ")[0], "this release", "ratio"],
+        section["rows"],
+    )
 
+
+TABLES.update(
+    {
+        "throughput": throughput,
+        "throughput-probes": throughput_probes,
+        "profiles": profiles,
+        "release-compare": release_compare,
+        "workers-run": workers_facts,
+        "workers-idle": workers_idle,
+        "workers-scaling": workers_scaling,
+    }
+)
 
 if __name__ == "__main__":
     write(json.loads(RESULTS.read_text(encoding="utf-8")))
