@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -365,6 +366,50 @@ def profiles(r: dict[str, Any]) -> str:
     return table(["profile", "samples", "top roles", "hottest frames (self time)"], rows)
 
 
+def _med(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def workers_facts(r: dict[str, Any]) -> str:
+    s = r["sections"]["workers"]
+    return table(["", ""], [
+        ["run", f"{s['date']}, {'quick' if s['quick'] else 'full'}, {s['duration_s'] / 60:.1f} min, load average "
+                f"{s['load_start']:.1f} at start, {s['load_end']:.1f} at end; trees: {', '.join(s['trees'])}"],
+        ["idle", f"{s['window_s']} s window after {s['warm_up_s']} s warm-up; pickup after ≥ {s['rest_s']} s idle"],
+        ["scaling", f"N = {s['n']:,}, {s['repeats']} round(s); DBOS as it comes: N = {s['n_dbos']:,}"],
+    ])  # fmt: skip
+
+
+def workers_idle(r: dict[str, Any]) -> str:
+    rows = []
+    for x, p in zip(r["sections"]["workers"]["idle"], r["sections"]["workers"]["pickup"], strict=True):
+        got = [v for v in p["pickup_s"] if v is not None]
+        top = max(got) if got and len(got) == len(p["pickup_s"]) else None  # a miss has no max
+        met = x["cpu_pct"] <= 1 and (x["pg_xacts_per_s"] or 0) <= 2 and top is not None and top <= 1
+        rows.append([x["backend"], x["limit"], x["tree"], f"{x['cpu_pct']:.1f}%", x["pg_xacts_per_s"],
+                     _med(got), top, len(p["pickup_s"]), met])  # fmt: skip
+    return table(cols("backend | limit | tree | idle CPU (one core) | Postgres transactions/s | "
+                      "pickup median s | pickup max s | samples | ≤ 1%, ≤ 2/s, ≤ 1 s"), rows)  # fmt: skip
+
+
+def workers_scaling(r: dict[str, Any]) -> str:
+    s, rows, one = r["sections"]["workers"], [], {}
+    names = {"loop": "plain loop (`make_engine`)", "dbos-datasource": "DBOS as it comes",
+             "dbos-plain": "DBOS, plain transaction"}  # fmt: skip
+    groups = [(t, w, [x for x in s["runs"] if x["tree"] == t and x["workers"] == w])
+              for t in s["trees"] for w in (1, 2, 4)]  # fmt: skip
+    groups += [(v, 0, [x for x in s["baselines"] if x["what"] == k]) for k, v in names.items()]
+    for who, w, xs in groups:
+        rate = _med([x["rate"] for x in xs])
+        one.setdefault(who, rate)
+        rows.append([who, w or "1 process", xs[0]["n"], ", ".join(f"{x['rate']:.0f}" for x in xs), rate,
+                     f"{rate / one[who]:.2f}" if w else "–", _med([x.get("steady_rate") for x in xs]),
+                     _med([x.get("pg_xacts_per_request") for x in xs])])  # fmt: skip
+    return table(cols("what | workers | N | req/s, each round | req/s (median) | ÷ 1 worker | "
+                      "steady req/s | Postgres transactions / request"), rows)  # fmt: skip
+
+
 def release_compare(r: dict[str, Any]) -> str:
     """One release against the previous one, measured side by side in one run."""
     section = r["sections"]["release_compare"]
@@ -380,6 +425,9 @@ TABLES.update(
         "throughput-probes": throughput_probes,
         "profiles": profiles,
         "release-compare": release_compare,
+        "workers-run": workers_facts,
+        "workers-idle": workers_idle,
+        "workers-scaling": workers_scaling,
     }
 )
 
