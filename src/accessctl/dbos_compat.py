@@ -387,6 +387,10 @@ MANAGER_SEC = 30.0
 DELAYED_SEC = 1.0
 # How long a process reuses a queue's row it read (DBOS re-reads it on every poll).
 QUEUE_ROW_TTL_SEC = 1.0
+# A queue found full (its queue-wide concurrency taken by other processes) is looked at
+# again after a pause doubling from FULL_QUEUE_MIN_SEC * 2 up to FULL_QUEUE_MAX_SEC.
+FULL_QUEUE_MIN_SEC = 0.01
+FULL_QUEUE_MAX_SEC = 0.16
 # How long a process reuses DBOS's answer to "is this the latest application version?".
 LATEST_VERSION_TTL_SEC = 10.0
 
@@ -457,6 +461,7 @@ def pace_dbos_loops() -> None:
     rows: dict[tuple[int, str], tuple[float, int, Any]] = {}
 
     latest: dict[tuple[int, str], tuple[float, bool]] = {}
+    full_pause: dict[str, float] = {}
 
     def is_latest(sys_db: Any, app_version: str) -> bool:
         # DBOS asks on every claim (a query) whether this version is the latest, which
@@ -486,6 +491,16 @@ def pace_dbos_loops() -> None:
                 paced.hold(queue.name, opens_in + 0.002)
         elif reason is not None:
             paced.activity()  # a full concurrency limit: work is waiting
+        if reason == "concurrency" and not claimed:
+            # The queue-wide limit is full with other processes' requests: a slot frees
+            # when one of theirs ends, which nothing here hears of. Look again after a
+            # pause that doubles while it stays full (each look is a transaction: several
+            # workers polling a full queue every 20 ms slowed each other down).
+            pause = min(FULL_QUEUE_MAX_SEC, full_pause.get(queue.name, FULL_QUEUE_MIN_SEC) * 2)
+            full_pause[queue.name] = pause
+            paced.hold(queue.name, pause)
+        else:
+            full_pause.pop(queue.name, None)
         return claimed, reason
 
     @functools.wraps(read_queue)
