@@ -506,14 +506,17 @@ def test_database_restart_runs_every_request_once(own_postgres: pgcluster.Cluste
             )
             wait_for(lambda: tool.scalar(running) == 2, what="both workers running requests")
             own_postgres.restart()
-            for log in logs:
+            for index, log in enumerate(logs):
                 # Generous: on a loaded machine a worker's first check after the restart
                 # can wait on the server coming back (seen once at load average 8).
-                wait_for(
-                    functools.partial(log.has, "executor lease lost"),
-                    timeout=120,
-                    what="the lease loss",
-                )
+                try:
+                    wait_for(
+                        functools.partial(log.has, "executor lease lost"),
+                        timeout=120,
+                        what=f"worker {index}'s lease loss",
+                    )
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}; its log:\n{''.join(log.lines[-40:])}") from None
             wait_for(lambda: request_count(tool) >= n, timeout=180, what="every request")
             for log in logs:
                 wait_for(

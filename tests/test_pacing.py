@@ -285,3 +285,33 @@ def test_the_window_opens_when_the_limit_th_latest_start_leaves_it(cli: Cli) -> 
     finally:
         client.destroy()
         engine.dispose()
+
+
+def test_a_worker_rides_out_a_database_fault_in_its_own_reads() -> None:
+    """A worker's report read failing on a restarting database (no ping before a checkout
+    any more) is a warning and another look, not the end of the worker; any other error
+    still ends it."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    from accessctl.worker import run_worker
+
+    runtime: Any = SimpleNamespace(settings=SimpleNamespace(poll_interval=0.1))
+    stop = threading.Event()
+    polls: list[int] = []
+
+    def flaky() -> None:
+        polls.append(1)
+        if len(polls) == 1:
+            raise OperationalError("SELECT 1", {}, Exception("the server is restarting"))
+        stop.set()
+
+    run_worker(runtime, stop, burst=False, on_poll=flaky)
+    assert len(polls) == 2  # it looked again after the fault
+
+    def broken() -> None:
+        raise ValueError("not a database fault")
+
+    with pytest.raises(ValueError):
+        run_worker(runtime, threading.Event(), burst=False, on_poll=broken)

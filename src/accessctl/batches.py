@@ -164,7 +164,8 @@ def run_attached(
             "recorded": report["recorded"],
             "failed": report["failed"],
         }
-        interval = pace.after(progress != last)
+        # Every request done: only the batch's end is awaited now, and soon.
+        interval = pace.after(progress != last or report["done"] >= report["total"])
         if progress != last:
             on_progress(progress)
             last = progress

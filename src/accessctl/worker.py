@@ -232,14 +232,25 @@ def run_worker(
     """Block while DBOS's queue threads execute work; return on ``stop`` or, in burst
     mode, once nothing is queued or running anywhere (checked twice, to ride over the gap
     between a request queuing its retry and that retry's dequeue)."""
+    from accessctl.workflows import is_transient
+
     interval = max(runtime.settings.poll_interval * 5, 0.5)
     idle_checks = 0
     while not stop.wait(interval):
-        if on_poll is not None:
-            on_poll()
-        if not burst:
+        try:
+            if on_poll is not None:
+                on_poll()
+            if not burst:
+                continue
+            idle_checks = idle_checks + 1 if outstanding_work(runtime.engine) == 0 else 0
+        except Exception as exc:
+            # A restarting database or a severed connection: the worker rides it out
+            # (its requests retry, its lease fences it) and looks again next turn.
+            if not is_transient(exc):
+                raise
+            log.warning("worker: cannot read the database; trying again", error=type(exc).__name__)
+            idle_checks = 0
             continue
-        idle_checks = idle_checks + 1 if outstanding_work(runtime.engine) == 0 else 0
         if idle_checks >= 2:
             return
 

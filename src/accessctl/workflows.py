@@ -666,7 +666,8 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
                     "recorded": recorded,
                     "failed": failed,
                 }
-            changed = recorded + failed != last_done
+            # Every row written: only in-flight tries are awaited now, and soon.
+            changed = recorded + failed != last_done or recorded + failed >= total
             if changed:
                 last_done, quiet_since = recorded + failed, time.monotonic()
             elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
