@@ -272,6 +272,7 @@ class WorkListener(Waker):
     def _run(self) -> None:
         backoff = 0.5
         first = True
+        warned = False
         while not self._stop.is_set():
             try:
                 self._listen(wake_first=not first)
@@ -279,7 +280,15 @@ class WorkListener(Waker):
             except Exception as exc:
                 if self._stop.is_set():
                     return
-                log.debug("work listener reconnecting", error=type(exc).__name__)
+                if backoff >= self.pacer.idle_poll and not warned:
+                    warned = True  # a restart passes in seconds; this has lasted longer
+                    log.warning(
+                        "cannot LISTEN for new work; idle, this process finds it at its "
+                        f"{self.pacer.idle_poll:g}-s look instead",
+                        error=type(exc).__name__,
+                    )
+                else:
+                    log.debug("work listener reconnecting", error=type(exc).__name__)
             first = False
             if self._stop.wait(backoff):
                 return
