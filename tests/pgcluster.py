@@ -17,6 +17,9 @@ from pathlib import Path
 
 BINDIR = Path(os.environ.get("ACCESSCTL_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 FIRST_PORT = 55432
+# Each pytest-xdist worker ("gw0", "gw1", ...) looks in a range of its own: two workers
+# starting a cluster at once would otherwise both find the same port free.
+PORTS_PER_WORKER = 200
 
 
 def available() -> str | None:
@@ -33,7 +36,9 @@ def available() -> str | None:
 
 
 def free_port() -> int:
-    for port in range(FIRST_PORT, FIRST_PORT + 200):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = FIRST_PORT + PORTS_PER_WORKER * (int(worker) if worker.isdigit() else 0)
+    for port in range(first, first + PORTS_PER_WORKER):
         if Path(f"/tmp/.s.PGSQL.{port}").exists():
             continue
         with socket.socket() as s:
