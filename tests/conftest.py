@@ -48,12 +48,15 @@ def isolated_environment(
     return home
 
 
-def create_postgres_database(base_url: str = POSTGRES_URL) -> tuple[str, str]:
-    """A fresh database on the test server: (name, URL)."""
+def create_postgres_database(
+    base_url: str = POSTGRES_URL, template: str | None = None
+) -> tuple[str, str]:
+    """A fresh database on the test server, empty or a copy of ``template``: (name, URL)."""
     name = f"accessctl_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    copy = f' TEMPLATE "{template}"' if template else ""
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"{copy}'))
     admin.dispose()
     url = sa.make_url(base_url).set(database=name).render_as_string(hide_password=False)
     return name, url
@@ -81,11 +84,28 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+def database_url(
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    migrated_templates: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A database of the test's own: a copy of the run's migrated template when the test
+    uses ``cli``, else empty (``fresh_cli``, or a test that migrates it itself)."""
+    template = None
+    if "cli" in request.fixturenames:
+        if backend not in migrated_templates:
+            migrated_templates[backend] = _make_template(backend, tmp_path_factory)
+        template = migrated_templates[backend]
     if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'accessctl.sqlite'}"
+        path = tmp_path / "accessctl.sqlite"
+        if template is not None:
+            shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
         return
-    name, url = create_postgres_database()
+    # Straight from the template: one CREATE DATABASE per test, not an empty one replaced.
+    name, url = create_postgres_database(template=template)
     try:
         yield url
     finally:
@@ -250,25 +270,9 @@ def _make_template(backend: str, tmp_path_factory: pytest.TempPathFactory) -> st
 
 
 @pytest.fixture
-def cli(
-    backend: str,
-    database_url: str,
-    migrated_templates: dict[str, str],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Cli:
-    """The CLI against a migrated database of its own (a copy of the run's template)."""
-    if backend not in migrated_templates:
-        migrated_templates[backend] = _make_template(backend, tmp_path_factory)
-    template = migrated_templates[backend]
-    if backend == "sqlite":
-        shutil.copyfile(template, sa.make_url(database_url).database or "")
-    else:
-        name = sa.make_url(database_url).database
-        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE "{name}"'))
-            conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-        admin.dispose()
+def cli(database_url: str) -> Cli:
+    """The CLI against a migrated database of its own (a copy of the run's template,
+    made by ``database_url``)."""
     return Cli(database_url)
 
 

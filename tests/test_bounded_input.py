@@ -161,6 +161,7 @@ def test_read_bounded_stops_at_the_total_and_the_line_bound(tmp_path: Path) -> N
 
 ENV_OF = {
     "concurrency": "ACCESSCTL_CONCURRENCY",
+    "worker_concurrency": "ACCESSCTL_WORKER_CONCURRENCY",
     "max_batch": "ACCESSCTL_MAX_BATCH",
     "connect_timeout": "ACCESSCTL_CONNECT_TIMEOUT",
     "shutdown_grace": "ACCESSCTL_SHUTDOWN_GRACE",

@@ -375,13 +375,25 @@ def test_three_workers_share_one_global_limit(cli: Cli, backend: str) -> None:
     if backend != "postgres":
         pytest.skip("several hosts share Postgres; SQLite is one host (covered above)")
     users = cli.add_users(2)
-    detached = cli("batch", "30", *user_args(users), "--detach")
-    assert detached.exit_code == 0, detached.stderr
-    batch_id = detached.stdout.strip()
-    workers = [cli.popen("worker", "--burst") for _ in range(3)]
-    for w in workers:
-        _, err = w.communicate(timeout=120)
-        assert w.returncode == 0, err
+    # Each takes one request at a time, and all three are up before the work is filed:
+    # otherwise the first to start could take every slot of every window alone.
+    workers = [cli.popen("worker", ACCESSCTL_WORKER_CONCURRENCY="1") for _ in range(3)]
+    logs = [Lines(w) for w in workers]
+    try:
+        for log in logs:
+            wait_for(functools.partial(log.has, "worker started"), what="a worker up")
+        detached = cli("batch", "30", *user_args(users), "--detach")
+        assert detached.exit_code == 0, detached.stderr
+        batch_id = detached.stdout.strip()
+        done = lambda: cli.json("status", batch_id, "--json")["state"] == "done"  # noqa: E731
+        wait_for(done, timeout=120, what="the batch done")
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.communicate(timeout=60)
+    for w, log in zip(workers, logs, strict=True):
+        assert w.returncode == 143, log.text()
     status = cli.json("status", batch_id, "--json")
     assert (status["state"], status["recorded"]) == ("done", 30)
     starts = request_starts(cli)
@@ -494,6 +506,8 @@ def test_database_restart_runs_every_request_once(own_postgres: pgcluster.Cluste
             ACCESSCTL_PROVIDER_URL=provider.url,
             ACCESSCTL_PROVIDER_TIMEOUT="4",
             ACCESSCTL_CONCURRENCY="10",
+            # Five of the ten each: both run requests, whichever starts first.
+            ACCESSCTL_WORKER_CONCURRENCY="5",
         )
         filed = tool("batch", str(n), *user_args(users), "--detach")
         assert filed.exit_code == 0, filed.stderr

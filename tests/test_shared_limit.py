@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from accessctl.testing.provider import Call, FakeProvider
 from conftest import FAST_LIMIT, Cli
 from test_faults import max_starts_in_window, request_starts, user_args, wait_for
 
@@ -118,3 +119,32 @@ def test_the_embedded_default_stores_its_limit_on_the_first_run() -> None:
     assert json.loads(tool("limit", "show", "--json", **env).stdout)["rate_limit"] == FAST_LIMIT
     again = tool("--rate-limit", "9/1", "submit", "--json", **env)
     assert again.exit_code == 2 and "limit set" in again.stderr
+
+
+def _most_calls_at_once(calls: list[Call]) -> int:
+    edges = sorted([(c.arrived, 1) for c in calls] + [(c.finished, -1) for c in calls])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_a_process_takes_no_more_than_its_own_share(cli: Cli) -> None:
+    """ACCESSCTL_WORKER_CONCURRENCY caps this process's requests in flight below the
+    shared concurrency (10); without it the same run has more at once."""
+    users = cli.add_users(2)
+    seen = {}
+    for cap in ("2", ""):
+        with FakeProvider(delay=0.4) as provider:
+            done = cli(
+                "batch", "12", *user_args(users), "--json",
+                ACCESSCTL_RATE_LIMIT="none",
+                ACCESSCTL_PROVIDER_URL=provider.url,
+                ACCESSCTL_WORKER_CONCURRENCY=cap,
+            )  # fmt: skip
+            assert done.exit_code == 0, done.stderr
+            assert json.loads(done.stdout)["recorded"] == 12
+            seen[cap] = _most_calls_at_once(list(provider.calls))
+    assert seen["2"] == 2, seen
+    assert seen[""] > 2, seen

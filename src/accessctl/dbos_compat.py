@@ -59,6 +59,11 @@ claim turns            DBOS claims in REPEATABLE READ with NOWAIT  test_dbos_con
 postgres_claims``)     DBOS doubles the interval after a failure,  serialized_begin; test_faults
                        so more workers were slower. Claims take    .py (3 processes, one limit)
                        turns behind an advisory lock instead.
+process share          DBOS's per-process limit lives in the       test_faults.py::test_three_
+(``cap_process_        queue's row, shared by every process; an    workers_share_one_global_
+concurrency``)         operator's cap for one host                 limit; test_faults.py::test_
+                       (ACCESSCTL_WORKER_CONCURRENCY) is applied   database_restart_runs_every_
+                       to this process's claims only.              request_once
 execution token        Before a provider call, a request checks    test_lease.py::test_a_
 (``execution_token``)  it still owns its workflow (it may have     replaced_execution_does_not_
                        been adopted while its lease was lost);     call; every provider test
@@ -72,6 +77,7 @@ Importing this module imports nothing of DBOS: the CLI's ``--help`` stays light.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import sqlite3
@@ -477,6 +483,13 @@ def pace_dbos_loops() -> None:
     def reported_claim(self: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
         from accessctl.pacing import pacer
 
+        cap = process_concurrency
+        if cap is not None and queue._worker_concurrency is not None:
+            # DBOS's queue row holds one per-process limit for every process; this
+            # process's own (ACCESSCTL_WORKER_CONCURRENCY) applies to its claims only.
+            queue = copy.copy(queue)
+            queue._worker_concurrency = min(int(queue._worker_concurrency), cap)
+
         if kwargs.get("is_latest_version") is None and len(args) >= 2 and not self.sharded:
             kwargs["is_latest_version"] = is_latest(self, args[1])
         claimed, reason = claim(self, queue, *args, **kwargs)
@@ -526,6 +539,19 @@ def pace_dbos_loops() -> None:
     _dbos.dynamic_scheduler_loop = paced_scheduler  # type: ignore[attr-defined]
     SystemDatabase.start_queued_workflows = reported_claim  # type: ignore[method-assign]
     SystemDatabase.get_queue = cached_queue  # type: ignore[method-assign]
+
+
+# The most requests this process runs at once (``cap_process_concurrency``); None: as
+# many as the shared concurrency allows.
+process_concurrency: int | None = None
+
+
+def cap_process_concurrency(cap: int | None) -> None:
+    """Let this process take at most ``cap`` of the queue-wide concurrency. A worker
+    takes every free slot it sees; on several hosts the first to look takes them all
+    (ACCESSCTL_WORKER_CONCURRENCY, docs/operations.md)."""
+    global process_concurrency
+    process_concurrency = cap
 
 
 def window_opens_in(sys_db: Any, queue: Any) -> float:

@@ -205,6 +205,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
 
     from accessctl import workflows
     from accessctl.dbos_compat import (
+        cap_process_concurrency,
         check_dbos_version,
         serialize_postgres_claims,
         serialize_sqlite_claims,
@@ -242,6 +243,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             serialize_sqlite_claims()
         else:
             serialize_postgres_claims()
+        cap_process_concurrency(settings.worker_concurrency)
         gate_dequeue_on_lease()  # before launch: DBOS starts dequeuing inside it
         listener = start_pacing(engine, settings)
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]

@@ -50,6 +50,7 @@ def _number(value: float) -> str:
 # by `config` only to fail later. Lengths are in characters.
 BOUNDS: dict[str, Bound] = {
     "concurrency": Bound("concurrency", 1, 1000, "requests in flight", int),
+    "worker_concurrency": Bound("worker concurrency", 1, 1000, "requests in flight", int),
     "max_batch": Bound("largest batch", 1, 10_000_000, "requests", int),
     "connect_timeout": Bound("connect timeout", 0.1, 300, "seconds"),
     "shutdown_grace": Bound("shutdown grace", 0, 3600, "seconds"),
@@ -127,6 +128,8 @@ class Settings:
     database_url_source: str
     rate_limit: RateLimit | None = RateLimit(50, 30.0)
     concurrency: int = 10
+    # The most of the shared concurrency this process takes; None: all of it.
+    worker_concurrency: int | None = None
     default_users: tuple[str, ...] = SEED_USER_IDS
     log_format: LogFormat | None = None  # None: JSON unless stderr is a terminal
     connect_timeout: float = 5.0
@@ -155,6 +158,7 @@ class Settings:
             "database_url": hide_password(self.database_url),
             "rate_limit": str(self.rate_limit) if self.rate_limit else "none",
             "concurrency": self.concurrency,
+            "worker_concurrency": self.worker_concurrency,
             "default_users": list(self.default_users),
             "log_format": self.log_format or "auto",
             "connect_timeout": self.connect_timeout,
@@ -306,6 +310,7 @@ def resolve_settings(
     parsers: dict[str, tuple[str, Any]] = {
         "rate_limit": ("ACCESSCTL_RATE_LIMIT", parse_rate_limit),
         "concurrency": ("ACCESSCTL_CONCURRENCY", bounded("concurrency")),
+        "worker_concurrency": ("ACCESSCTL_WORKER_CONCURRENCY", bounded("worker_concurrency")),
         "default_users": ("ACCESSCTL_DEFAULT_USERS", parse_user_list),
         "log_format": ("ACCESSCTL_LOG_FORMAT", _parse_log_format),
         "connect_timeout": ("ACCESSCTL_CONNECT_TIMEOUT", bounded("connect_timeout")),
