@@ -38,6 +38,7 @@ import sqlalchemy as sa
 import tables
 from bench_throughput import loop_baseline, proc_cpu_s, record, workers_run, xacts_per_request
 
+RAISED = 50  # the concurrency of the scaling run that raises it
 IDLE = [("postgres", "50/30"), ("postgres", "none"), ("sqlite", "50/30"), ("sqlite", "none")]
 
 
@@ -198,6 +199,11 @@ def scaling(trees: dict[str, str], quick: bool) -> dict[str, Any]:
                 with tree_cli(exe):
                     r = workers_run("postgres", n, w, f"wk{w}r{rep}")
                 runs.append({"tree": label, "rep": rep, **r})
+        # The tree under test with the concurrency raised too (10 in flight bound the rest).
+        label, exe = list(trees.items())[-1]
+        with tree_cli(exe):
+            r = workers_run("postgres", n, 1, f"wkc{rep}", extra_env={"ACCESSCTL_CONCURRENCY": str(RAISED)})
+        runs.append({"tree": label, "rep": rep, **r})
     return {"n": n, "n_dbos": n_dbos, "repeats": reps, "runs": runs, "baselines": baselines}
 
 

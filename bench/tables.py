@@ -397,17 +397,23 @@ def workers_scaling(r: dict[str, Any]) -> str:
     s, rows, one = r["sections"]["workers"], [], {}
     names = {"loop": "plain loop (`make_engine`)", "dbos-datasource": "DBOS as it comes",
              "dbos-plain": "DBOS, plain transaction"}  # fmt: skip
-    groups = [(t, w, [x for x in s["runs"] if x["tree"] == t and x["workers"] == w])
+    groups = [(t, w, [x for x in s["runs"] if x["tree"] == t and x["workers"] == w and not x.get("env")])
               for t in s["trees"] for w in (1, 2, 4)]  # fmt: skip
+    for t in s["trees"]:
+        raised = [x for x in s["runs"] if x["tree"] == t and x.get("env", {}).get("ACCESSCTL_CONCURRENCY")]
+        if raised:
+            groups.append((f"{t}, concurrency {raised[0]['env']['ACCESSCTL_CONCURRENCY']}", 1, raised))
     groups += [(v, 0, [x for x in s["baselines"] if x["what"] == k]) for k, v in names.items()]
     for who, w, xs in groups:
         rate = _med([x["rate"] for x in xs])
         one.setdefault(who, rate)
+        cpu = [sum(x["worker_cpu_util"]) / len(x["worker_cpu_util"]) for x in xs if x.get("worker_cpu_util")]
         rows.append([who, w or "1 process", xs[0]["n"], ", ".join(f"{x['rate']:.0f}" for x in xs), rate,
-                     f"{rate / one[who]:.2f}" if w else "–", _med([x.get("steady_rate") for x in xs]),
-                     _med([x.get("pg_xacts_per_request") for x in xs])])  # fmt: skip
+                     f"{rate / one[who]:.2f}" if w and who in s["trees"] else "–",
+                     _med([x.get("steady_rate") for x in xs]), _med([x.get("pg_xacts_per_request") for x in xs]),
+                     f"{_med(cpu):.2f}" if cpu else "–"])  # fmt: skip
     return table(cols("what | workers | N | req/s, each round | req/s (median) | ÷ 1 worker | "
-                      "steady req/s | Postgres transactions / request"), rows)  # fmt: skip
+                      "steady req/s | Postgres transactions / request | CPU per worker (one core)"), rows)  # fmt: skip
 
 
 def release_compare(r: dict[str, Any]) -> str:

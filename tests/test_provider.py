@@ -135,7 +135,9 @@ def test_token_is_sent_but_never_shown_or_stored(cli: Cli) -> None:
 def test_kill_9_with_provider_then_rerun_reuses_keys(cli: Cli) -> None:
     users = cli.add_users(2)
     with FakeProvider() as provider:
-        env = provider_env(provider, ACCESSCTL_RATE_LIMIT="10/1")
+        # A short call timeout: on Postgres the rerun adopts the dead run's requests once
+        # its lease has been free for the fence plus the longest call (docs/operations.md).
+        env = provider_env(provider, ACCESSCTL_RATE_LIMIT="10/1", ACCESSCTL_PROVIDER_TIMEOUT="2")
         args = ["batch", "30", *user_args(users), "--key", "provider-kill", "--json"]
         proc = cli.popen(*args, **env)
         wait_for(lambda: len(provider.calls) >= 12, what="a dozen provider calls")

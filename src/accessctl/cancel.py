@@ -35,6 +35,7 @@ def cancel_batch(client: DBOSClient, engine: sa.Engine, batch_id: str) -> dict[s
     from accessctl.batch_state import WORKFLOW_WAITING
     from accessctl.queries import batch_status
     from accessctl.workflows import (
+        CANCELLED_DETAIL,
         batch_workflow_id,
         error_message,
         record_outcome,
@@ -81,7 +82,7 @@ def cancel_batch(client: DBOSClient, engine: sa.Engine, batch_id: str) -> dict[s
                         request_id=request_id,
                         user_id=user_id,
                         error_class="Cancelled",
-                        detail="the batch was cancelled before this request started",
+                        detail=CANCELLED_DETAIL,
                     ),
                 }
             )

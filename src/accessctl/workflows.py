@@ -196,13 +196,16 @@ def _add_unknown_user(conn: sa.Connection, request_id: str, batch_id: str, user_
     return _add_error(conn, request_id, batch_id, message)
 
 
+CANCELLED_DETAIL = "the batch was cancelled before this request started"
+
+
 def _add_cancelled(conn: sa.Connection, request_id: str, batch_id: str, user_id: str | None) -> str:
     message = error_message(
         batch_id=batch_id,
         request_id=request_id,
         user_id=user_id,
         error_class="Cancelled",
-        detail="the batch was cancelled before this request started",
+        detail=CANCELLED_DETAIL,
     )
     return _add_error(conn, request_id, batch_id, message)
 
@@ -602,12 +605,19 @@ def requests_in_flight(engine: sa.Engine, batch_id: str) -> int:
         )
 
 
-def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
+def _record_ended_requests(engine: sa.Engine, batch_id: str, *, early: bool = False) -> int:
     """Give every request of this batch whose last try ended (cancelled, failed) without
     a row its ``errors`` row; returns how many it recorded. Keyed by request ID like every
-    request row, so running it twice records nothing twice."""
+    request row, so running it twice records nothing twice. ``early`` (nothing in flight,
+    before the stall check): not for a cancelled batch, whose rows ``cancel`` is writing."""
     client = _runtime().client
     assert client is not None
+    with engine.connect() as conn:
+        cancelled = conn.scalar(
+            sa.select(Batch.cancelled_at).where(Batch.id == uuid.UUID(batch_id))
+        )
+    if early and cancelled is not None:
+        return 0
     ended = client.list_workflows(
         workflow_id_prefix=f"req-{batch_id}-",
         status=sorted(WORKFLOW_ENDED - {WorkflowStatusString.SUCCESS.value}),
@@ -616,10 +626,6 @@ def _record_ended_requests(engine: sa.Engine, batch_id: str) -> int:
         load_output=False,
     )
     recorded = 0
-    with engine.connect() as conn:
-        cancelled = conn.scalar(
-            sa.select(Batch.cancelled_at).where(Batch.id == uuid.UUID(batch_id))
-        )
     for workflow in ended:
         args = list(workflow.input["args"]) if workflow.input else []
         user_id = args[1] if len(args) > 1 else None
@@ -673,6 +679,10 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
             elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
                 _record_ended_requests(engine, batch_id)
                 quiet_since = time.monotonic()
+            elif not requests_in_flight(engine, batch_id):
+                # Rows missing and nothing left to write them (a try queues its next
+                # one before it ends): an operator cancelled a request. Look now.
+                _record_ended_requests(engine, batch_id, early=True)
         except Exception as exc:
             # A lost connection or a restarting database: read again at the next turn.
             if not is_transient(exc):
