@@ -401,15 +401,16 @@ def workers_scaling(r: dict[str, Any]) -> str:
               for t in s["trees"] for w in (1, 2, 4)]  # fmt: skip
     for t in s["trees"]:
         raised = [x for x in s["runs"] if x["tree"] == t and x.get("env", {}).get("ACCESSCTL_CONCURRENCY")]
-        if raised:
-            groups.append((f"{t}, concurrency {raised[0]['env']['ACCESSCTL_CONCURRENCY']}", 1, raised))
+        for w in (1, 2, 4):
+            if xs := [x for x in raised if x["workers"] == w]:
+                groups.append((f"{t}, concurrency {xs[0]['env']['ACCESSCTL_CONCURRENCY']}", w, xs))
     groups += [(v, 0, [x for x in s["baselines"] if x["what"] == k]) for k, v in names.items()]
     for who, w, xs in groups:
         rate = _med([x["rate"] for x in xs])
         one.setdefault(who, rate)
         cpu = [sum(x["worker_cpu_util"]) / len(x["worker_cpu_util"]) for x in xs if x.get("worker_cpu_util")]
         rows.append([who, w or "1 process", xs[0]["n"], ", ".join(f"{x['rate']:.0f}" for x in xs), rate,
-                     f"{rate / one[who]:.2f}" if w and who in s["trees"] else "–",
+                     f"{rate / one[who]:.2f}" if w else "–",
                      _med([x.get("steady_rate") for x in xs]), _med([x.get("pg_xacts_per_request") for x in xs]),
                      f"{_med(cpu):.2f}" if cpu else "–"])  # fmt: skip
     return table(cols("what | workers | N | req/s, each round | req/s (median) | ÷ 1 worker | "

@@ -325,8 +325,10 @@ def test_second_signal_exits_at_once_and_loses_nothing(cli: Cli) -> None:
         assert "second signal, exiting now" in stderr.text()
     finally:
         silent.close()
+    # The process is gone, so its calls are too: a short call timeout lets the rerun
+    # adopt its requests on Postgres after 7 s instead of 15 (the grace covers a call).
     with FakeProvider() as provider:
-        rerun = cli.run(*args, ACCESSCTL_PROVIDER_URL=provider.url)
+        rerun = cli.run(*args, ACCESSCTL_PROVIDER_URL=provider.url, ACCESSCTL_PROVIDER_TIMEOUT="2")
     assert rerun.returncode == 0, rerun.stderr
     accesses, errors, distinct = terminal_outcomes(cli, json.loads(rerun.stdout)["batch_id"])
     assert (accesses, errors, distinct) == (25, 0, 25)
