@@ -5,7 +5,8 @@
 arguments. No DBOS launch, no database: milliseconds each.
 
 The transactions themselves (``_check_request``, ``_record_access``, ``_record_error``) are
-tested below against an in-memory SQLite database with the application tables only."""
+tested below against a database with the application tables only: in-memory SQLite and,
+with a Postgres URL, a fresh Postgres database (where ``_record_access`` is one statement)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from accessctl import workflows
 from accessctl.models import Access, AccessStatus, Base, Batch, Error, User, utcnow
 from accessctl.provider import ProviderConfig, backoff_seconds
+from conftest import BACKENDS, create_postgres_database, drop_postgres_database
 
 BATCH = "6262a6aa-610e-4352-8d41-90ee08dbdb8e"
 USER = "00000000-0000-0000-0000-000000000001"
@@ -269,10 +271,16 @@ def test_run_tx_raises_a_permanent_fault_at_once() -> None:
 # --- the transactions, on an in-memory database ----------------------------------------
 
 
-@pytest.fixture
-def engine() -> Iterator[sa.Engine]:
-    """The application tables on a private in-memory SQLite database (one connection)."""
-    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+@pytest.fixture(params=BACKENDS)
+def engine(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
+    """The application tables on a private in-memory SQLite database (one connection), or
+    on a fresh Postgres database, where ``_record_access`` takes its one-statement path."""
+    name = None
+    if request.param == "sqlite":
+        engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+    else:
+        name, url = create_postgres_database()
+        engine = sa.create_engine(url)
     Base.metadata.create_all(engine)
     now = utcnow()
     with engine.begin() as conn:
@@ -286,6 +294,8 @@ def engine() -> Iterator[sa.Engine]:
     finally:
         workflows.unbind()
         engine.dispose()
+        if name is not None:
+            drop_postgres_database(name)
 
 
 def rows(engine: sa.Engine) -> tuple[list[Any], list[Any]]:
@@ -348,6 +358,23 @@ def test_record_access_before_a_call_in_a_cancelled_batch_records_cancelled(
     assert workflows._record_access(RID, BATCH, USER) == "failed"
     accesses, errors = rows(engine)
     assert accesses == [] and [m["error_class"] for _, m in errors] == ["Cancelled"]
+
+
+def test_record_access_of_an_unknown_user_or_a_failed_request_writes_no_access(
+    engine: sa.Engine,
+) -> None:
+    stranger = str(uuid.uuid4())
+    assert workflows._record_access(RID, BATCH, stranger) == "failed"
+    assert workflows._record_access(RID, BATCH, stranger) == "failed"  # a replay
+    other = f"req-{BATCH}-0000001"
+    assert workflows._record_error(other, BATCH, {"error_class": "X"}) == "failed"
+    assert workflows._record_access(other, BATCH, USER) == "failed"  # its outcome stands
+    accesses, errors = rows(engine)
+    assert accesses == []
+    assert sorted((r, m["error_class"]) for r, m in errors) == [
+        (RID, "UnknownUser"),
+        (other, "X"),
+    ]
 
 
 def test_record_error_keeps_the_first_outcome(engine: sa.Engine) -> None:
