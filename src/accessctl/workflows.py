@@ -344,8 +344,17 @@ def is_transient(exc: BaseException) -> bool:
 def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     """Before calling the provider: ``"recorded"``/``"failed"`` if this request already has
     its row, ``"failed"`` (with its row) for an unknown user or a cancelled batch, else
-    ``"ready"``."""
-    with _runtime().engine.begin() as conn:
+    ``"ready"``. On Postgres the usual answers (its row, or ready) take one read in
+    autocommit, not a transaction of three round trips; only a row to write takes one."""
+    engine = _runtime().engine
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
+        if existing is not None:
+            return existing
+        if user_exists and not cancelled:
+            return "ready"
+    with engine.begin() as conn:
         existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
         if existing is not None:
             return existing
