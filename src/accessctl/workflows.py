@@ -748,7 +748,7 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
     engine = rt.engine
     last_done, quiet_since = -1, time.monotonic()
     pace = FollowPace(follow_interval(rt.poll_interval, total))
-    changed = True
+    changed, looked_early = True, False
     while True:
         try:
             recorded, failed = outcome_counts(engine, batch_id)
@@ -765,13 +765,17 @@ def run_batch(batch_id: str, key: str | None, total: int) -> Summary:
             changed = recorded + failed != last_done or recorded + failed >= total
             if changed:
                 last_done, quiet_since = recorded + failed, time.monotonic()
+                looked_early = False
             elif time.monotonic() - quiet_since > STALL_CHECK_SEC:
                 _record_ended_requests(engine, batch_id)
                 quiet_since = time.monotonic()
-            elif not requests_in_flight(engine, batch_id):
-                # Rows missing and nothing left to write them (a try queues its next
-                # one before it ends): an operator cancelled a request. Look now.
-                _record_ended_requests(engine, batch_id, early=True)
+            elif not looked_early:
+                # Once per quiet spell (a batch held by its window costs no more reads):
+                # rows missing and nothing left to write them (a try queues its next one
+                # before it ends) means an operator cancelled a request. Look now.
+                looked_early = True
+                if not requests_in_flight(engine, batch_id):
+                    _record_ended_requests(engine, batch_id, early=True)
         except Exception as exc:
             # A lost connection or a restarting database: read again at the next turn.
             if not is_transient(exc):
