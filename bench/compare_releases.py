@@ -10,7 +10,8 @@ Each tree runs its own ``.venv/bin/accessctl`` on fresh databases: the base rele
 * pickup: then each worker in turn, idle for ``rest`` s, gets ``batch 1 --detach``: the
   request's ``created_at`` (in the filing transaction) to its start (DBOS's ``started_at``);
 * scaling (Postgres, limit none): ``batch N --detach``, then 1, 2 and 4 ``worker --burst``,
-  trees interleaved, and the tree under test again with the concurrency raised to RAISED; in the same rounds the plain loop and DBOS as it comes: the request as
+  trees interleaved, and the tree under test again with the concurrency raised to
+  ``RAISED``; in the same rounds the plain loop and DBOS as it comes: the request as
   a DBOS workflow (a step calling an in-process fake provider that approves at once, then
   the loop's statements in a DBOS datasource transaction, or a plain one) on a queue with
   DBOS's defaults, N enqueued by a DBOSClient, then one process launched to run them.

@@ -397,13 +397,13 @@ def workers_scaling(r: dict[str, Any]) -> str:
     s, rows, one = r["sections"]["workers"], [], {}
     names = {"loop": "plain loop (`make_engine`)", "dbos-datasource": "DBOS as it comes",
              "dbos-plain": "DBOS, plain transaction"}  # fmt: skip
-    groups = [(t, w, [x for x in s["runs"] if x["tree"] == t and x["workers"] == w and not x.get("env")])
-              for t in s["trees"] for w in (1, 2, 4)]  # fmt: skip
-    for t in s["trees"]:
-        raised = [x for x in s["runs"] if x["tree"] == t and x.get("env", {}).get("ACCESSCTL_CONCURRENCY")]
-        for w in (1, 2, 4):
-            if xs := [x for x in raised if x["workers"] == w]:
-                groups.append((f"{t}, concurrency {xs[0]['env']['ACCESSCTL_CONCURRENCY']}", w, xs))
+    def who_ran(x: dict[str, Any]) -> str:
+        raised = x.get("env", {}).get("ACCESSCTL_CONCURRENCY")
+        return f"{x['tree']}, concurrency {raised}" if raised else str(x["tree"])
+
+    whos = dict.fromkeys(who_ran(x) for x in s["runs"])  # in the order they first ran
+    groups = [(who, w, xs) for who in whos for w in (1, 2, 4)
+              if (xs := [x for x in s["runs"] if who_ran(x) == who and x["workers"] == w])]  # fmt: skip
     groups += [(v, 0, [x for x in s["baselines"] if x["what"] == k]) for k, v in names.items()]
     for who, w, xs in groups:
         rate = _med([x["rate"] for x in xs])

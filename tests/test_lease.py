@@ -20,7 +20,7 @@ from accessctl.lease import (
     gate_dequeue_on_lease,
     lease_confirmed,
 )
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, punctual_starts
 
 ME = "host-1-me"
 
@@ -365,12 +365,7 @@ def test_a_replaced_execution_does_not_call(cli: Any, monkeypatch: pytest.Monkey
         return real(workflow_id)
 
     monkeypatch.setattr(lease_mod, "execution_token", token)
-    # Only the token decides here: an attempt that is merely late (a loaded machine can
-    # take more than half the call slack to reach its check) would also go round again.
-    from accessctl import workflows
-
-    attempt_state = workflows._attempt_state
-    monkeypatch.setattr(workflows, "_attempt_state", lambda w: (0.0, attempt_state(w)[1]))
+    punctual_starts(monkeypatch)  # only the token decides here
     users = cli.add_users(2)
     with FakeProvider() as provider:
         result = cli(

@@ -21,7 +21,7 @@ from accessctl.logs import configure_logging
 from accessctl.runtime import Runtime, executing_runtime
 from accessctl.settings import resolve_settings
 from accessctl.testing.provider import FakeProvider
-from conftest import Cli
+from conftest import Cli, punctual_starts
 
 
 @pytest.fixture
@@ -35,11 +35,8 @@ def runtime(
     cli: Cli, provider: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Runtime]:
     """DBOS running in this process as an executor, on the test's migrated database.
-    Every start counts as punctual: a loaded machine can take more than half the call
-    slack (0.25 s here) from a start to its call, which would send the try round again;
-    lateness has a test of its own (it patches this again)."""
-    attempt_state = workflows._attempt_state
-    monkeypatch.setattr(workflows, "_attempt_state", lambda w: (0.0, attempt_state(w)[1]))
+    Every start counts as punctual; lateness has a test of its own (it patches again)."""
+    punctual_starts(monkeypatch)
     # As the CLI does first: DBOS's logger would otherwise still write to the stream of
     # the last CliRunner invocation, which is closed.
     configure_logging("json")

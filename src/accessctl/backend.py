@@ -9,6 +9,10 @@
   writer got in between. Postgres needs nothing.
 - ``announce_work``: tell idle executors, committed with the work, that there is new
   work (Postgres ``NOTIFY``; SQLite executors see the database file change instead).
+- ``single_statement_requests``: a request's usual read (before its provider call) and
+  write (its row) are single autocommit statements on Postgres, where a transaction costs
+  two round trips of its own and one statement can carry lookups and an insert
+  (data-modifying CTEs); SQLite has neither the cost nor the CTEs (workflows.py).
 - ``ADVISORY_LOCK_OF_ID`` (Postgres): the ``pg_locks`` predicate of the session advisory
   lock keyed by an executor ID, as the lease takes it and readers probe it.
 
@@ -33,6 +37,7 @@ class _HasDialect(Protocol):
 class Backend:
     name = ""
     is_sqlite = False
+    single_statement_requests = False
 
     def dbos_table(self, name: str = "workflow_status") -> str:
         """A DBOS system table as raw SQL names it."""
@@ -60,6 +65,7 @@ class SQLiteBackend(Backend):
 
 class PostgresBackend(Backend):
     name = "postgresql"
+    single_statement_requests = True
 
     # The advisory lock key of an executor ID (bind ``:id``): a bigint, which pg_locks
     # shows as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1.

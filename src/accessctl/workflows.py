@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, WorkflowStatusString
 
+from accessctl.backend import for_engine
 from accessctl.batch_state import WORKFLOW_ENDED, WORKFLOW_IN_FLIGHT
 from accessctl.db import dbos_table, describe_db_error, sqlstate_of
 from accessctl.models import (
@@ -219,6 +220,11 @@ def _add_cancelled(conn: sa.Connection, request_id: str, batch_id: str, user_id:
     return _add_error(conn, request_id, batch_id, message)
 
 
+def _single_statement(engine: sa.Engine) -> sa.Connection:
+    """A connection whose every statement commits by itself (no BEGIN, no COMMIT)."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 @functools.cache
 def _record_in_one_statement() -> sa.Select[Any]:
     """Postgres: look for the request's row, its user and its batch's cancellation, and
@@ -281,7 +287,7 @@ def _record_access(
     of a request's own database time (BENCHMARKS.md, #17). Anything else it leaves to the
     transaction below."""
     engine = _runtime().engine
-    if engine.dialect.name == "postgresql":
+    if for_engine(engine).single_statement_requests:
         params = {
             "rid": request_id,
             "uid": uuid.UUID(user_id),
@@ -291,7 +297,7 @@ def _record_access(
             "now": utcnow(),
             "before_call": before_call,
         }
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with _single_statement(engine) as conn:
             found = conn.execute(_record_in_one_statement(), params).one()
         recorded, failed, written = found[0], found[1], found[2]
         if written or recorded:
@@ -347,8 +353,8 @@ def _check_request(request_id: str, batch_id: str, user_id: str) -> str:
     ``"ready"``. On Postgres the usual answers (its row, or ready) take one read in
     autocommit, not a transaction of three round trips; only a row to write takes one."""
     engine = _runtime().engine
-    if engine.dialect.name == "postgresql":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    if for_engine(engine).single_statement_requests:
+        with _single_statement(engine) as conn:
             existing, user_exists, cancelled = _lookup(conn, request_id, user_id, batch_id)
         if existing is not None:
             return existing
