@@ -288,6 +288,7 @@ def _state(**overrides: object) -> BatchState:
         "follower_status": "PENDING",
         "follower_alive": True,
         "requests_in_flight": True,
+        "started": False,
     }
     args.update(overrides)
     return batch_state(**args)  # type: ignore[arg-type]
@@ -310,6 +311,11 @@ def _state(**overrides: object) -> BatchState:
         # The follower waits on its queue.
         ({"follower_status": "ENQUEUED", "follower_alive": None}, BatchState.QUEUED),
         ({"follower_status": "DELAYED", "follower_alive": None}, BatchState.QUEUED),
+        # ... while its requests already run (they can be claimed first): it has started.
+        (
+            {"follower_status": "ENQUEUED", "follower_alive": None, "started": True},
+            BatchState.RUNNING,
+        ),
         # The follower runs: on a live executor, or one that died.
         ({"follower_status": "PENDING", "follower_alive": True}, BatchState.RUNNING),
         ({"follower_status": "PENDING", "follower_alive": False}, BatchState.INTERRUPTED),

@@ -62,6 +62,7 @@ def batch_state(
     follower_status: str | None,
     follower_alive: bool | None,
     requests_in_flight: bool,
+    started: bool = False,
 ) -> BatchState:
     """The state of one batch.
 
@@ -69,7 +70,9 @@ def batch_state(
     ``complete``: every request has its row; ``cancelled``: `accessctl cancel` ran;
     ``follower_status``: its ``run_batch`` workflow's DBOS status (None once pruned);
     ``follower_alive``: whether the executor running that workflow holds its lease;
-    ``requests_in_flight``: any of its request workflows queued, delayed or running."""
+    ``requests_in_flight``: any of its request workflows queued, delayed or running;
+    ``started``: any of its requests has its row (its requests can start before the
+    follower is claimed: then it is running, not queued)."""
     if stored is not None:
         return BatchState(stored)
     if complete:
@@ -77,7 +80,7 @@ def batch_state(
     if cancelled:
         return BatchState.CANCELLING
     if follower_status in WORKFLOW_WAITING:
-        return BatchState.QUEUED
+        return BatchState.RUNNING if started else BatchState.QUEUED
     if follower_status == Status.PENDING.value:
         return BatchState.RUNNING if follower_alive else BatchState.INTERRUPTED
     if follower_status is None or follower_status in WORKFLOW_ENDED:

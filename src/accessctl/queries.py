@@ -198,6 +198,7 @@ def list_batches(
                 and ended
                 and requests_in_flight(engine, str(b.id)) > 0
             ),
+            started=sum(counts) > 0,
         )
         result.append(
             {
