@@ -101,6 +101,33 @@ def test_dbos_loops_wait_through_the_pacer(cli: Cli) -> None:
     assert pacing.pacer().activities > 0  # the claims reported to this run's pacer
 
 
+def test_a_request_ending_frees_its_slot_for_its_queue(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DBOS's count of this process's running workflows (``ActiveWorkflowById``) is where a
+    slot frees; the hook tells the pacer which queue's slot it was, after DBOS wrote the
+    outcome. Were DBOS to stop calling ``_remove``, freed slots would wait for the next
+    poll again, and this fails."""
+    from dbos._core import ActiveWorkflowById
+
+    from accessctl import pacing
+    from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME
+
+    freed: list[str] = []
+    slot_freed = pacing.Pacer.slot_freed
+
+    def record(self: pacing.Pacer, name: str) -> None:
+        freed.append(name)
+        slot_freed(self, name)
+
+    monkeypatch.setattr(pacing.Pacer, "slot_freed", record)
+    result = cli("submit", *SEED, "--json")
+    assert result.exit_code == 1, result.stderr
+    assert hasattr(ActiveWorkflowById._remove, "__wrapped__")  # ours, around DBOS's
+    assert freed.count(QUEUE_NAME) == len(SEED)
+    assert freed.count(BATCH_QUEUE_NAME) == 1
+
+
 def test_a_dbos_without_a_paced_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from dbos import _queue
 

@@ -112,6 +112,54 @@ def test_a_held_loop_waits_for_its_window_whatever_else_it_would_do() -> None:
     assert timed_wait(pacer, 0.01, "requests") < 0.2
 
 
+def test_a_freed_slot_ends_the_busy_wait_of_its_own_queue_only() -> None:
+    pacer = Pacer(idle_poll=30.0, idle_after=10.0)
+    waited: dict[str, float] = {}
+    threads = [
+        threading.Thread(
+            target=lambda name=name: waited.update({name: timed_wait(pacer, 1.0, name)})
+        )
+        for name in ("requests", "batches")
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    pacer.slot_freed("requests")
+    threads[0].join(timeout=5)
+    assert waited["requests"] < 0.5  # not its 1-s interval
+    assert "batches" not in waited  # another queue's slot is none of its business
+    threads[1].join(timeout=5)
+    assert waited["batches"] >= 0.95
+
+    unrefilled = Pacer(idle_poll=30.0, idle_after=10.0, refill=False)  # SQLite (backend.py)
+    threading.Timer(0.1, unrefilled.slot_freed, ("requests",)).start()
+    assert timed_wait(unrefilled, 0.5, "requests") >= 0.45
+
+
+def test_a_freed_slot_is_refilled_no_sooner_than_the_gap_after_the_last_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pacer = Pacer(idle_poll=30.0, idle_after=10.0)
+    pacer.slot_freed("requests")  # before the wait began: counted by the look just made
+    assert timed_wait(pacer, 0.3, "requests") >= 0.28
+    monkeypatch.setattr(pacing, "REFILL_GAP_SEC", 0.3)
+    freeing = threading.Timer(0.05, pacer.slot_freed, ("requests",))
+    freeing.start()
+    # Freed at 0.05 s: the look waits for the gap (0.3 s), not for its 1-s interval.
+    assert 0.28 <= timed_wait(pacer, 1.0, "requests") < 0.9
+    freeing.join()
+
+
+def test_a_freed_slot_ends_a_full_queue_hold_but_never_a_limiter_window() -> None:
+    pacer = Pacer(idle_poll=30.0, idle_after=10.0)
+    pacer.hold("requests", 5.0, until_freed=True)  # full with other processes' requests
+    threading.Timer(0.1, pacer.slot_freed, ("requests",)).start()
+    assert timed_wait(pacer, 1.0, "requests") < 1.0
+    pacer.hold("requests", 0.6)  # a limiter window: a free slot does not open it
+    threading.Timer(0.1, pacer.slot_freed, ("requests",)).start()
+    assert 0.55 <= timed_wait(pacer, 0.01, "requests") < 1.5
+
+
 def test_a_stop_ends_a_long_wait_when_it_is_woken() -> None:
     pacer = idle_pacer(idle_poll=30.0)
     stop = threading.Event()

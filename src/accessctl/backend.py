@@ -13,6 +13,10 @@
   write (its row) are single autocommit statements on Postgres, where a transaction costs
   two round trips of its own and one statement can carry lookups and an insert
   (data-modifying CTEs); SQLite has neither the cost nor the CTEs (workflows.py).
+- ``refill_freed_slots``: a busy queue claims again as soon as one of this process's
+  requests ends (pacing.py). On Postgres a claim is a short transaction and the slots
+  otherwise sat empty until the next poll; on SQLite a claim takes the database's one
+  write lock and the worker is CPU-bound already, so it measured no faster.
 - ``ADVISORY_LOCK_OF_ID`` (Postgres): the ``pg_locks`` predicate of the session advisory
   lock keyed by an executor ID, as the lease takes it and readers probe it.
 
@@ -38,6 +42,7 @@ class Backend:
     name = ""
     is_sqlite = False
     single_statement_requests = False
+    refill_freed_slots = False
 
     def dbos_table(self, name: str = "workflow_status") -> str:
         """A DBOS system table as raw SQL names it."""
@@ -66,6 +71,7 @@ class SQLiteBackend(Backend):
 class PostgresBackend(Backend):
     name = "postgresql"
     single_statement_requests = True
+    refill_freed_slots = True
 
     # The advisory lock key of an executor ID (bind ``:id``): a bigint, which pg_locks
     # shows as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1.

@@ -54,6 +54,12 @@ polling pace           DBOS polls every queue at a fixed interval, test_pacing.p
                        ~80 transactions a second for an idle       bench/ (idle workers)
                        worker, with no setting to change it. Its
                        loops wait through our pacer instead.
+slot refill            DBOS's queue thread refills a slot freed by test_dbos_contract.py::
+(``pace_dbos_loops``,  a finished workflow only at its next poll;  test_a_request_ending_frees_
+``ActiveWorkflowBy     nothing public says when one ends. DBOS's   its_slot_for_its_queue;
+Id._remove``)          count of a process's running workflows is   test_pacing.py (freed slots);
+                       where a slot frees: the hook tells the      bench/ (workers)
+                       pacer there, and the queue looks at once.
 claim turns            DBOS claims in REPEATABLE READ with NOWAIT  test_dbos_contract.py::
 (``serialize_          row locks: overlapping claimers fail, and   test_claims_go_through_the_
 postgres_claims``)     DBOS doubles the interval after a failure,  serialized_begin; test_faults
@@ -397,6 +403,9 @@ QUEUE_ROW_TTL_SEC = 1.0
 # again after a pause doubling from FULL_QUEUE_MIN_SEC * 2 up to FULL_QUEUE_MAX_SEC.
 FULL_QUEUE_MIN_SEC = 0.01
 FULL_QUEUE_MAX_SEC = 0.16
+# A queue whose concurrency another process was seen holding counts as shared this long:
+# a slot freed there is not refilled at once (its owner would race the others for it).
+SHARED_QUEUE_SEC = 2.0
 # How long a process reuses DBOS's answer to "is this the latest application version?".
 LATEST_VERSION_TTL_SEC = 10.0
 
@@ -414,9 +423,11 @@ def pace_dbos_loops() -> None:
     queue's row for ``QUEUE_ROW_TTL_SEC`` in its queue thread, and tell the pacer what
     every claim found. Installed before launch; installing twice installs once."""
     from dbos import _dbos, _queue
+    from dbos._core import ActiveWorkflowById
     from dbos._sys_db import SystemDatabase
 
     for owner, attribute in (
+        (ActiveWorkflowById, "_remove"),
         (_queue, "queue_worker_thread"),
         (_dbos, "queue_thread"),
         (_dbos, "background_jobs_thread"),
@@ -467,6 +478,8 @@ def pace_dbos_loops() -> None:
     rows: dict[tuple[int, str], tuple[float, int, Any]] = {}
 
     latest: dict[tuple[int, str], tuple[float, bool]] = {}
+    # Queues whose concurrency other processes were seen holding, until when.
+    shared_until: dict[str, float] = {}
     full_pause: dict[str, float] = {}
 
     def is_latest(sys_db: Any, app_version: str) -> bool:
@@ -504,6 +517,10 @@ def pace_dbos_loops() -> None:
                 paced.hold(queue.name, opens_in + 0.002)
         elif reason is not None:
             paced.activity()  # a full concurrency limit: work is waiting
+        if reason == "concurrency" and queue._concurrency is not None:
+            local = int(args[3]) if len(args) > 3 else 0
+            if local + len(claimed) < int(queue._concurrency):
+                shared_until[queue.name] = time.monotonic() + SHARED_QUEUE_SEC
         if reason == "concurrency" and not claimed:
             # The queue-wide limit is full with other processes' requests: a slot frees
             # when one of theirs ends, which nothing here hears of. Look again after a
@@ -511,7 +528,7 @@ def pace_dbos_loops() -> None:
             # workers polling a full queue every 20 ms slowed each other down).
             pause = min(FULL_QUEUE_MAX_SEC, full_pause.get(queue.name, FULL_QUEUE_MIN_SEC) * 2)
             full_pause[queue.name] = pause
-            paced.hold(queue.name, pause)
+            paced.hold(queue.name, pause, until_freed=True)
         else:
             full_pause.pop(queue.name, None)
         return claimed, reason
@@ -532,6 +549,19 @@ def pace_dbos_loops() -> None:
         rows[(id(self), name)] = (now, generation, row)
         return row
 
+    remove_active: Any = ActiveWorkflowById._remove
+
+    @functools.wraps(remove_active)
+    def freeing_remove(self: Any, key: str, bucket: Any) -> None:
+        # DBOS counts this process's running workflows per queue here, and its queue
+        # thread refills a freed slot only at its next poll: tell the queue's loop now
+        # (the outcome is written by then, so the queue-wide count has room too).
+        remove_active(self, key, bucket)
+        if bucket is not None and shared_until.get(bucket[0], 0.0) < time.monotonic():
+            from accessctl.pacing import pacer
+
+            pacer().slot_freed(bucket[0])
+
     paced_worker._accessctl_paced = True  # type: ignore[attr-defined]
     _queue.queue_worker_thread = paced_worker
     _dbos.queue_thread = paced_manager  # type: ignore[attr-defined]
@@ -539,6 +569,7 @@ def pace_dbos_loops() -> None:
     _dbos.dynamic_scheduler_loop = paced_scheduler  # type: ignore[attr-defined]
     SystemDatabase.start_queued_workflows = reported_claim  # type: ignore[method-assign]
     SystemDatabase.get_queue = cached_queue  # type: ignore[method-assign]
+    ActiveWorkflowById._remove = freeing_remove  # type: ignore[method-assign]
 
 
 # The most requests this process runs at once (``cap_process_concurrency``); None: as

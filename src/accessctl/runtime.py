@@ -183,11 +183,12 @@ def start_pacing(engine: sa.Engine, settings: Settings) -> Waker:
     thread that wakes it (returned, to stop): on Postgres a LISTEN, on SQLite a look at
     the database file."""
     from accessctl import pacing
+    from accessctl.backend import for_engine
     from accessctl.dbos_compat import pace_dbos_loops, requests_running
     from accessctl.workflows import QUEUE_NAME
 
     pace_dbos_loops()
-    pacer = pacing.reset()
+    pacer = pacing.reset(refill=for_engine(engine).refill_freed_slots)
     pacer.count_running(lambda: requests_running(QUEUE_NAME))
     waker: Waker = (
         pacing.FileWatcher(sqlite_path(normalize_url(settings.database_url)), pacer)
