@@ -5,11 +5,13 @@ too, each test in a database of its own."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -146,17 +148,14 @@ def database_url(
     backend: str,
     tmp_path: Path,
     request: pytest.FixtureRequest,
-    migrated_templates: dict[str, str],
-    tmp_path_factory: pytest.TempPathFactory,
+    migrated_templates: MigratedTemplates,
     database_pool: DatabasePool,
 ) -> Iterator[str]:
     """A database of the test's own: a copy of the run's migrated template when the test
     uses ``cli``, else empty (``fresh_cli``, or a test that migrates it itself)."""
     template = None
     if "cli" in request.fixturenames:
-        if backend not in migrated_templates:
-            migrated_templates[backend] = _make_template(backend, tmp_path_factory)
-        template = migrated_templates[backend]
+        template = migrated_templates.get(backend)
     if backend == "sqlite":
         path = tmp_path / "accessctl.sqlite"
         if template is not None:
@@ -288,23 +287,58 @@ class Cli:
         return ids
 
 
-@pytest.fixture(scope="session")
-def migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+# Where the run's migrated templates are recorded, shared by every xdist worker: set by
+# the controlling process before the workers start (they inherit its environment).
+TEMPLATES_DIR_VARIABLE = "ACCESSCTL_TEST_TEMPLATES_DIR"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or a run without xdist
+        os.environ[TEMPLATES_DIR_VARIABLE] = tempfile.mkdtemp(prefix="accessctl-templates-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The controller drops the run's Postgres template once every worker is done."""
+    if hasattr(config, "workerinput"):
+        return
+    root = Path(os.environ.pop(TEMPLATES_DIR_VARIABLE, "") or "/nonexistent")
+    record = root / "postgres.template"
+    if record.exists():
+        with contextlib.suppress(Exception):
+            drop_postgres_database(record.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class MigratedTemplates:
     """One migrated database per backend per test run, copied for each test: a migrate
-    (Alembic and DBOS's migrations) costs about 1.7 s, a copy a few milliseconds. SQLite:
-    the template file; Postgres: a template database (``CREATE DATABASE ... TEMPLATE``)."""
-    templates: dict[str, str] = {}
-    try:
-        yield templates
-    finally:
-        for backend, template in templates.items():
-            if backend == "postgres":
-                drop_postgres_database(template)
+    (Alembic and DBOS's migrations) costs about 1.7 s of CPU, a copy a few milliseconds.
+    SQLite: the template file; Postgres: a template database (``CREATE DATABASE ...
+    TEMPLATE``). Made once for the whole run, by whichever xdist worker asks first, under
+    a file lock; the others wait for it and read its name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._known: dict[str, str] = {}
+
+    def get(self, backend: str) -> str:
+        if backend not in self._known:
+            with open(self.root / f"{backend}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                record = self.root / f"{backend}.template"
+                if not record.exists():
+                    record.write_text(_make_template(backend, self.root))
+                self._known[backend] = record.read_text()
+        return self._known[backend]
 
 
-def _make_template(backend: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+@pytest.fixture(scope="session")
+def migrated_templates() -> MigratedTemplates:
+    return MigratedTemplates(Path(os.environ[TEMPLATES_DIR_VARIABLE]))
+
+
+def _make_template(backend: str, root: Path) -> str:
     if backend == "sqlite":
-        path = tmp_path_factory.mktemp("template") / "accessctl.sqlite"
+        path = root / "template.sqlite"
         url = f"sqlite:///{path}"
     else:
         name, url = create_postgres_database()
