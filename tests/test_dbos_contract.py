@@ -126,6 +126,28 @@ def test_a_request_ending_frees_its_slot_for_its_queue(
     assert hasattr(ActiveWorkflowById._remove, "__wrapped__")  # ours, around DBOS's
     assert freed.count(QUEUE_NAME) == len(SEED)
     assert freed.count(BATCH_QUEUE_NAME) == 1
+    # Every workflow it claimed was seen starting (``ActiveWorkflowById.add``): none is
+    # still counted as claimed-but-not-started against the per-process limit.
+    assert hasattr(ActiveWorkflowById.add, "__wrapped__")
+    assert dbos_compat.starting.count(QUEUE_NAME) == 0
+
+
+def test_claimed_workflows_count_against_the_process_until_they_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A workflow claimed on one poll whose thread has not started by the next is this
+    process's all the same (DBOS's own count would miss it), until it starts or, if it
+    never does, for ``STARTING_TTL_SEC``."""
+    starting = dbos_compat._Starting()
+    starting.claimed(["a", "b"], "requests")
+    starting.claimed(["c"], "batches")
+    starting.claimed([], "requests")
+    assert (starting.count("requests"), starting.count("batches")) == (2, 1)
+    starting.started("a")
+    starting.started("not-ours")  # a workflow nobody claimed here (a direct call)
+    assert starting.count("requests") == 1
+    monkeypatch.setattr(dbos_compat, "STARTING_TTL_SEC", 0.0)
+    assert (starting.count("requests"), starting.count("batches")) == (0, 0)
 
 
 def test_a_dbos_without_a_paced_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

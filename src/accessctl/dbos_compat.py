@@ -67,9 +67,12 @@ postgres_claims``)     DBOS doubles the interval after a failure,  serialized_be
                        turns behind an advisory lock instead.
 process share          DBOS's per-process limit lives in the       test_faults.py::test_three_
 (``cap_process_        queue's row, shared by every process; an    workers_share_one_global_
-concurrency``)         operator's cap for one host                 limit; test_faults.py::test_
-                       (ACCESSCTL_WORKER_CONCURRENCY) is applied   database_restart_runs_every_
-                       to this process's claims only.              request_once
+concurrency``,         operator's cap for one host                 limit; test_faults.py::test_
+``ActiveWorkflowBy     (ACCESSCTL_WORKER_CONCURRENCY) is applied   database_restart_runs_every_
+Id.add``)              to this process's claims only. DBOS counts  request_once; test_shared_
+                       a claimed workflow as running only once its limit.py::test_a_process_
+                       thread starts; we count it from its claim.  takes_no_more_than_its_own_
+                                                                   share; test_dbos_contract.py
 execution token        Before a provider call, a request checks    test_lease.py::test_a_
 (``execution_token``)  it still owns its workflow (it may have     replaced_execution_does_not_
                        been adopted while its lease was lost);     call; every provider test
@@ -428,6 +431,7 @@ def pace_dbos_loops() -> None:
 
     for owner, attribute in (
         (ActiveWorkflowById, "_remove"),
+        (ActiveWorkflowById, "add"),
         (_queue, "queue_worker_thread"),
         (_dbos, "queue_thread"),
         (_dbos, "background_jobs_thread"),
@@ -505,7 +509,14 @@ def pace_dbos_loops() -> None:
 
         if kwargs.get("is_latest_version") is None and len(args) >= 2 and not self.sharded:
             kwargs["is_latest_version"] = is_latest(self, args[1])
+        if len(args) >= 4 and (not_started := starting.count(queue.name)):
+            # DBOS counts this process's running workflows from the moment each one's
+            # thread starts; one claimed on an earlier poll whose thread has not started
+            # yet (a busy host) counted as nothing, and could let a claim exceed the
+            # per-process limit.
+            args = (*args[:3], int(args[3]) + not_started, *args[4:])
         claimed, reason = claim(self, queue, *args, **kwargs)
+        starting.claimed(claimed, queue.name)
         paced = pacer()
         if claimed:
             paced.activity()
@@ -549,6 +560,14 @@ def pace_dbos_loops() -> None:
         rows[(id(self), name)] = (now, generation, row)
         return row
 
+    add_active: Any = ActiveWorkflowById.add
+
+    @functools.wraps(add_active)
+    def starting_add(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        entry = add_active(self, key, *args, **kwargs)
+        starting.started(key)  # DBOS counts it from now on
+        return entry
+
     remove_active: Any = ActiveWorkflowById._remove
 
     @functools.wraps(remove_active)
@@ -570,6 +589,43 @@ def pace_dbos_loops() -> None:
     SystemDatabase.start_queued_workflows = reported_claim  # type: ignore[method-assign]
     SystemDatabase.get_queue = cached_queue  # type: ignore[method-assign]
     ActiveWorkflowById._remove = freeing_remove  # type: ignore[method-assign]
+    ActiveWorkflowById.add = starting_add  # type: ignore[method-assign]
+
+
+class _Starting:
+    """Workflows this process claimed whose thread has not started yet, by queue: DBOS's
+    count of running workflows (``ActiveWorkflowById``) does not hold them until it
+    starts. One that never starts (its dispatch failed) stops counting after
+    ``STARTING_TTL_SEC``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claimed: dict[str, tuple[str, float]] = {}
+
+    def claimed(self, workflow_ids: list[str], queue_name: str) -> None:
+        if workflow_ids:
+            now = time.monotonic()
+            with self._lock:
+                self._claimed.update((w, (queue_name, now)) for w in workflow_ids)
+
+    def started(self, workflow_id: str) -> None:
+        if self._claimed:
+            with self._lock:
+                self._claimed.pop(workflow_id, None)
+
+    def count(self, queue_name: str) -> int:
+        if not self._claimed:
+            return 0
+        oldest = time.monotonic() - STARTING_TTL_SEC
+        with self._lock:
+            for stale in [w for w, (_, at) in self._claimed.items() if at < oldest]:
+                del self._claimed[stale]
+            return sum(1 for q, _ in self._claimed.values() if q == queue_name)
+
+
+starting = _Starting()
+# A claimed workflow whose thread has not started after this long is not waited for.
+STARTING_TTL_SEC = 5.0
 
 
 # The most requests this process runs at once (``cap_process_concurrency``); None: as
