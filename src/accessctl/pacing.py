@@ -54,8 +54,8 @@ STOP_CHECK_SEC = 1.0
 FILE_CHECK_SEC = 0.2
 # A queue refilling the slots its requests freed looks at most this often after its last
 # look. A claim costs about 3 ms of CPU in DBOS, so requests that end close together are
-# claimed for in one transaction, not one each (BENCHMARKS.md, "Workers": 10 ms beat 4
-# and 16 at the default concurrency).
+# claimed for in one transaction, not one each (10 ms beat 4 and 16 at the default
+# concurrency: BENCHMARKS.md, "Idle workers, pickup and scaling out").
 REFILL_GAP_SEC = 0.010
 
 
