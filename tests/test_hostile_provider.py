@@ -29,7 +29,7 @@ from accessctl.queries import retry_key
 from accessctl.redact import redact_text, redact_url, scrub_secrets, url_secrets
 from accessctl.settings import Settings
 from accessctl.testing.provider import FakeProvider
-from conftest import Cli
+from conftest import Cli, punctual_starts
 
 TOKEN = "tok-SENTINEL-3f9d2c"
 QUERY_SECRET = "QSECRET-77a1"
@@ -437,9 +437,14 @@ def stored_request_args(cli: Cli) -> dict[str, list[Any]]:
     return found
 
 
-def test_only_a_retry_of_a_possibly_filed_request_stores_a_key(cli: Cli) -> None:
+def test_only_a_retry_of_a_possibly_filed_request_stores_a_key(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An ordinary request's stored inputs are as the previous release wrote them (so work
     it queued replays unchanged); a retried one appends its original key as the last."""
+    # One workflow per request is what is counted: a start a loaded machine made late
+    # would be requeued as a workflow of its own (the late branch, tested elsewhere).
+    punctual_starts(monkeypatch)
     users = cli.add_users(1)
     with FakeProvider(fail=[(503, 1)]) as provider:
         env = provider_env(provider, ACCESSCTL_PROVIDER_MAX_ATTEMPTS="1")
