@@ -79,9 +79,9 @@ class Pacer:
         # Busy from the start: whatever an earlier run left queued is taken at once.
         self._busy_until = clock() + idle_after
         self._due: float | None = None
-        self._holds: dict[str, float] = {}
-        # Loops whose hold ends when a slot frees (a queue full of others' requests).
-        self._full: set[str] = set()
+        # Loop name -> (until when it holds, whether a freed slot ends the hold: a queue
+        # full of others' requests, not a limiter window).
+        self._holds: dict[str, tuple[float, bool]] = {}
         self._freed: dict[str, int] = {}
         self._running: Callable[[], int] = lambda: 0
         self.wakeups = 0
@@ -115,15 +115,10 @@ class Pacer:
     def hold(self, name: str, seconds: float, *, until_freed: bool = False) -> None:
         """Loop ``name`` has nothing it may start for ``seconds``: a limiter window, or
         (``until_freed``) a concurrency limit full, which a slot freeing ends sooner."""
-        self._holds[name] = self._clock() + max(0.0, seconds)
-        if until_freed:
-            self._full.add(name)
-        else:
-            self._full.discard(name)
+        self._holds[name] = (self._clock() + max(0.0, seconds), until_freed)
 
     def release(self, name: str) -> None:
         self._holds.pop(name, None)
-        self._full.discard(name)
 
     def slot_freed(self, name: str) -> None:
         """One of this process's runs on queue ``name`` ended (its outcome is written):
@@ -132,9 +127,8 @@ class Pacer:
             return
         with self._cond:
             self._freed[name] = self._freed.get(name, 0) + 1
-            if name in self._full:
+            if self._holds.get(name, (0.0, False))[1]:
                 self._holds.pop(name, None)
-                self._full.discard(name)
             self._cond.notify_all()
 
     def count_running(self, running: Callable[[], int]) -> None:
@@ -177,7 +171,7 @@ class Pacer:
                 refill = refill or name not in self._holds
             if refill and now >= start + REFILL_GAP_SEC:
                 return False  # a slot of ours freed: refill it now
-            held = self._holds.get(name)
+            held = self._holds.get(name, (None, False))[0]
             if held is not None and held > now:
                 deadline = held
             elif held is not None:

@@ -298,8 +298,7 @@ def _record_access(
             "before_call": before_call,
         }
         with _single_statement(engine) as conn:
-            found = conn.execute(_record_in_one_statement(), params).one()
-        recorded, failed, written = found[0], found[1], found[2]
+            recorded, failed, written = conn.execute(_record_in_one_statement(), params).one()
         if written or recorded:
             return "recorded"
         if failed:
