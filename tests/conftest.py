@@ -26,6 +26,7 @@ from typer.testing import CliRunner, Result
 from accessctl.cli import app
 from accessctl.exceptions import AccessctlError
 from accessctl.settings import parse_rate_limit
+from forkserver import ForkedPopen, ForkServer
 
 POSTGRES_URL = os.environ.get("ACCESSCTL_TEST_POSTGRES_URL", "").strip()
 # A limiter fast enough for tests, slow enough to be visible: 5 starts per 0.5 s.
@@ -35,6 +36,10 @@ ACCESSCTL_BIN = str(Path(sys.executable).parent / "accessctl")
 # For a child whose start-up timing is the test's subject: under coverage (CI), every
 # Python child would otherwise first start coverage.py (which also imports sqlite3).
 UNMEASURED = {"COVERAGE_PROCESS_CONFIG": ""}
+# The accessctl processes of Cli.run and Cli.popen are forked from a server that has
+# imported DBOS, SQLAlchemy and psycopg already (forkserver.py); 0 starts each from its
+# script instead, as every test whose subject is the interpreter's start-up does anyway.
+FORK_SERVER = ForkServer() if os.environ.get("ACCESSCTL_TEST_FORK_SERVER", "1") != "0" else None
 
 
 @pytest.fixture(autouse=True)
@@ -184,6 +189,9 @@ class Cli:
     database_url: str
     env: dict[str, str] = field(default_factory=dict)
     runner: CliRunner = field(default_factory=CliRunner)
+    # Start run/popen's processes from the installed script, not the fork server: for
+    # tests whose subject is the interpreter's start-up.
+    new_interpreter: bool = False
 
     def _apply_shared_limit(self, args: tuple[str, ...], env: dict[str, str]) -> None:
         wanted = {k: env[k] for k in LIMIT_VARIABLES if k in env}
@@ -229,26 +237,31 @@ class Cli:
         return json.loads(result.stdout)
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-        """The installed ``accessctl`` in a subprocess."""
-        self._apply_shared_limit(args, env)
-        return subprocess.run(
-            [ACCESSCTL_BIN, *args],
-            env={**os.environ, **self.base_env(), **env},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        """``accessctl`` in a process of its own, to its end (killed after ``timeout``)."""
+        with self.popen(*args, **env) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        """``accessctl`` in a process of its own: forked from the fork server, or the
+        installed script in a new interpreter (``new_interpreter``)."""
         self._apply_shared_limit(args, env)
-        return subprocess.Popen(
-            [ACCESSCTL_BIN, *args],
-            env={**os.environ, **self.base_env(), **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        command = [ACCESSCTL_BIN, *args]
+        options: dict[str, Any] = {
+            "env": {**os.environ, **self.base_env(), **env},
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.PIPE,
+            "text": True,
+        }
+        if FORK_SERVER is None or self.new_interpreter:
+            return subprocess.Popen(command, **options)
+        return ForkedPopen(FORK_SERVER, command, **options)
 
     def engine(self) -> sa.Engine:
         from accessctl.db import make_engine
@@ -299,6 +312,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The controller drops the run's Postgres template once every worker is done."""
+    if FORK_SERVER is not None:
+        FORK_SERVER.close()
     if hasattr(config, "workerinput"):
         return
     root = Path(os.environ.pop(TEMPLATES_DIR_VARIABLE, "") or "/nonexistent")

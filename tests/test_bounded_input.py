@@ -410,7 +410,7 @@ def test_a_signal_at_any_early_moment_exits_with_its_code_in_one_line(
     tmp_path: Path, moment: float, signum: int, code: int
 ) -> None:
     """From importing the CLI to waiting on the batch: the documented code, one line."""
-    tool = Cli(f"sqlite:///{tmp_path / 'accessctl.sqlite'}")
+    tool = Cli(f"sqlite:///{tmp_path / 'accessctl.sqlite'}", new_interpreter=True)
     # A slow limit keeps the batch running well past the last moment.
     proc = tool.popen(
         "batch", "5", ACCESSCTL_RATE_LIMIT="1/60", ACCESSCTL_SHUTDOWN_GRACE="2", **UNMEASURED
