@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -148,6 +149,42 @@ def test_claimed_workflows_count_against_the_process_until_they_start(
     assert starting.count("requests") == 1
     monkeypatch.setattr(dbos_compat, "STARTING_TTL_SEC", 0.0)
     assert (starting.count("requests"), starting.count("batches")) == (0, 0)
+
+
+def test_a_clean_exit_waits_for_the_requests_it_claimed(cli: Cli) -> None:
+    """A stop that comes between a claim and the start of what it claimed (a busy host:
+    another run's request claimed as this run's own batch ended) waits for those requests
+    too. Leaving one would strand it, PENDING under this executor ID, until another
+    process adopted it: a second dispatch (recovery_attempts 2, seen once in two
+    concurrent batches) and, on Postgres, a wait of the adoption grace. The stop also
+    waits out a claim already sent (DBOS's per-queue claim thread, ``queue-worker-*``):
+    were DBOS to rename that thread, the first assertion fails."""
+    from accessctl.logs import configure_logging
+    from accessctl.runtime import drain_requests, executing_runtime
+    from accessctl.settings import resolve_settings
+    from accessctl.workflows import QUEUE_NAME
+
+    def claim_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == f"queue-worker-{QUEUE_NAME}"]
+
+    configure_logging("json")  # as the CLI does first (see test_replay.py)
+    settings = resolve_settings(env={"ACCESSCTL_DATABASE_URL": cli.database_url})
+    with executing_runtime(settings):
+        deadline = time.monotonic() + 30
+        while not claim_threads():
+            assert time.monotonic() < deadline, "DBOS started no claim thread for the queue"
+            time.sleep(0.01)
+        dbos_compat.starting.claimed(["claimed-not-started"], QUEUE_NAME)
+        try:
+            assert dbos_compat.requests_running(QUEUE_NAME) == 1
+            threading.Timer(0.3, dbos_compat.starting.started, ["claimed-not-started"]).start()
+            began = time.monotonic()
+            drain_requests(grace=10)
+            waited = time.monotonic() - began
+        finally:
+            dbos_compat.starting.started("claimed-not-started")
+        assert 0.25 <= waited < 10
+        assert not any(t.is_alive() for t in claim_threads())
 
 
 def test_a_dbos_without_a_paced_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,11 +33,13 @@ bulk filing            ``enqueue_in_transaction`` writes one       test_dbos_con
                        and insert them as one executemany.
 shutdown drain         ``DBOS.destroy(workflow_completion_         test_faults.py (SIGTERM:
 (``stop_dequeuing``,   timeout_sec)`` sleeps at least 1 s and      in-flight requests finish,
-``requests_running``)  waits for every workflow, batch followers   exit 143)
-                       included, which wait on requests nobody
-                       runs any more: every stop would cost the
-                       whole grace. We stop the queue threads and
-                       wait for requests only.
+``requests_running``)  waits for every workflow, batch followers   exit 143);
+                       included, which wait on requests nobody     test_dbos_contract.py::
+                       runs any more: every stop would cost the    test_a_clean_exit_waits_
+                       whole grace. We stop the queue threads,     for_the_requests_it_claimed
+                       let a claim in flight end (DBOS's
+                       ``queue-worker-*`` threads), and wait for
+                       requests only, claimed ones included.
 adoption               Requeuing a dead executor's PENDING work    test_faults.py (kill -9
 (``requeue_for_        through its queue is what DBOS's recovery   campaigns: each workflow
 adoption``)            does at launch, for its own executor ID     runs once)
@@ -202,8 +204,10 @@ def serialize_sqlite_claims() -> None:
 # --- shutdown -------------------------------------------------------------------------------
 
 
-def stop_dequeuing() -> None:
-    """Stop this process's DBOS queue threads: nothing new is dequeued from here on."""
+def stop_dequeuing(timeout: float) -> None:
+    """Stop this process's DBOS queue threads, and wait (up to ``timeout`` seconds) for
+    the claim each may be in the middle of: nothing is dequeued from here on, and every
+    workflow claimed here is counted by ``requests_running``."""
     from dbos._dbos import _get_dbos_instance
 
     from accessctl.pacing import pacer
@@ -213,13 +217,22 @@ def stop_dequeuing() -> None:
         stop.set()
     dbos._background_jobs_stop_event.set()  # our delayed-work loop (pace_dbos_loops)
     pacer().wake()  # paced waits see their stop now, not at their next check
+    # DBOS runs each queue's claims in a thread named after the queue; a claim already
+    # sent to the database completes, and its workflows are dispatched, after the stop.
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name.startswith("queue-worker-") and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def requests_running(queue_name: str) -> int:
-    """Workflows of ``queue_name`` this process is executing now."""
+    """Workflows of ``queue_name`` this process is executing now, or has claimed and is
+    about to start: a clean exit that left one of those would strand it (PENDING under
+    this executor ID) until another process adopted it."""
     from dbos._dbos import _get_dbos_instance
 
-    return int(_get_dbos_instance()._active_workflows_set.count_for_queue(queue_name))
+    running = _get_dbos_instance()._active_workflows_set.count_for_queue(queue_name)
+    return int(running) + starting.count(queue_name)
 
 
 # --- bulk filing ----------------------------------------------------------------------------

@@ -95,16 +95,18 @@ def drain_requests(grace: float) -> None:
     from accessctl.dbos_compat import requests_running, stop_dequeuing
     from accessctl.workflows import QUEUE_NAME
 
-    stop_dequeuing()
+    deadline = time.monotonic() + grace
+    stop_dequeuing(grace)
     if requests_running(QUEUE_NAME):
         # Said before waiting: the wait can take the whole grace (a second signal ends it).
         log.info("waiting for in-flight requests to finish", grace_seconds=grace)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if requests_running(QUEUE_NAME) == 0:
+    while requests_running(QUEUE_NAME):
+        if time.monotonic() >= deadline:
+            log.warning(
+                "shutdown grace over with requests still running; another process adopts them"
+            )
             return
         time.sleep(0.05)
-    log.warning("shutdown grace over with requests still running; another process adopts them")
 
 
 def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dict[str, Any]:
