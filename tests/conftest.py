@@ -192,6 +192,18 @@ LIMITED_COMMANDS = {"submit", "batch", "retry", "worker"}
 LIMIT_VARIABLES = ("ACCESSCTL_RATE_LIMIT", "ACCESSCTL_CONCURRENCY")
 
 
+def start_accessctl(
+    args: list[str], *, new_interpreter: bool = False, **popen: Any
+) -> subprocess.Popen[Any]:
+    """``accessctl ARGS`` in a process of its own (``subprocess.Popen``'s options): forked
+    from the fork server, or the installed script in a new interpreter where the
+    interpreter's start-up is what is tested."""
+    command = [ACCESSCTL_BIN, *args]
+    if FORK_SERVER is None or new_interpreter:
+        return subprocess.Popen(command, **popen)
+    return ForkedPopen(FORK_SERVER, command, **popen)
+
+
 @dataclass
 class Cli:
     """The real CLI, in-process (Typer's CliRunner), against one test database."""
@@ -262,16 +274,14 @@ class Cli:
         """``accessctl`` in a process of its own: forked from the fork server, or the
         installed script in a new interpreter (``new_interpreter``)."""
         self._apply_shared_limit(args, env)
-        command = [ACCESSCTL_BIN, *args]
-        options: dict[str, Any] = {
-            "env": {**os.environ, **self.base_env(), **env},
-            "stdout": subprocess.PIPE,
-            "stderr": subprocess.PIPE,
-            "text": True,
-        }
-        if FORK_SERVER is None or self.new_interpreter:
-            return subprocess.Popen(command, **options)
-        return ForkedPopen(FORK_SERVER, command, **options)
+        return start_accessctl(
+            list(args),
+            new_interpreter=self.new_interpreter,
+            env={**os.environ, **self.base_env(), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def engine(self) -> sa.Engine:
         from accessctl.db import make_engine

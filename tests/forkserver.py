@@ -258,7 +258,7 @@ class ChildLink:
         return int(json.loads(message)["status"])
 
 
-class ForkedPopen(subprocess.Popen[str]):
+class ForkedPopen(subprocess.Popen[Any]):
     """A ``subprocess.Popen`` whose child the fork server starts: everything else
     (pipes, ``communicate``, timeouts, signals) is Popen's own. The child is not this
     process's, so its end comes from the server (the overrides of Popen's POSIX

@@ -22,7 +22,7 @@ from typer.testing import Result
 
 from accessctl.exceptions import ExitCode
 from accessctl.schema import SCHEMA_HEAD, head_revision
-from conftest import ACCESSCTL_BIN, POSTGRES_URL, SEED, Cli
+from conftest import POSTGRES_URL, SEED, Cli, start_accessctl
 from pgfakes import BlackHole
 
 needs_postgres = pytest.mark.skipif(not POSTGRES_URL, reason="ACCESSCTL_TEST_POSTGRES_URL not set")
@@ -578,8 +578,8 @@ def test_json_output_always_parses_after_hostile_invalid_ids(cli: Cli) -> None:
 def test_ten_concurrent_migrates_bring_the_schema_to_head_once(fresh_cli: Cli) -> None:
     env = {**os.environ, **fresh_cli.base_env()}
     procs = [
-        subprocess.Popen(
-            [ACCESSCTL_BIN, "migrate", "--json"],
+        start_accessctl(
+            ["migrate", "--json"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ACCESSCTL_BIN, SEED, Cli
+from conftest import SEED, Cli, start_accessctl
 from test_faults import (
     max_starts_in_window,
     request_count,
@@ -74,8 +74,8 @@ def start_server(cli: Cli, tmp_path: Path, *args: str, **env: str) -> Server:
     log_path = tmp_path / f"serve-{port}.log"
     out_path = tmp_path / f"serve-{port}.out"
     with open(log_path, "wb") as err, open(out_path, "wb") as out:
-        proc = subprocess.Popen(
-            [ACCESSCTL_BIN, "serve", "--port", str(port), *args],
+        proc = start_accessctl(
+            ["serve", "--port", str(port), *args],
             env={**os.environ, **cli.base_env(), **env},
             stdout=out,
             stderr=err,
