@@ -23,7 +23,7 @@ import bench_limiter
 import bench_startup
 import bench_throughput
 import tables
-from common import BENCH, LOG_DIR, load_average, load_json, log, machine_facts, save_json, versions
+from common import LOG_DIR, load_average, load_json, log, machine_facts, save_json, versions
 
 SECTIONS = {
     "limiter": bench_limiter.run,
@@ -31,7 +31,6 @@ SECTIONS = {
     "fanout": bench_fanout.run,
     "startup": bench_startup.run,
 }
-RESULTS = BENCH / "results.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true", help="regenerate tables and plot from results.json"
     )
     args = parser.parse_args(argv)
-    results: dict[str, Any] = load_json(RESULTS)
+    results: dict[str, Any] = load_json(tables.RESULTS)
     if not args.report_only:
         only = [s for s in args.only.split(",") if s] or list(SECTIONS)
         if unknown := set(only) - set(SECTIONS):
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name} failed: {exc!r}")
                 results.setdefault("failures", {})[name] = repr(exc)
             results.setdefault("timings", {})[name] = round(time.monotonic() - t0, 1)
-            save_json(RESULTS, results)
+            save_json(tables.RESULTS, results)
         results["machine"]["load_average_at_end"] = load_average()
         results["total_s"] = round(time.monotonic() - started, 1)
-        save_json(RESULTS, results)
+        save_json(tables.RESULTS, results)
     tables.write(results)
     log("BENCHMARKS.md's tables and bench/limiter.png regenerated: now edit its prose")
     return 0

@@ -186,23 +186,6 @@ def errors_times(backend: str) -> Callable[[dict[str, Any]], str]:
     return render
 
 
-TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "run": run,
-    "targets": targets,
-    "limiter": limiter,
-    "filing": filing,
-    "atomicity": archived("atomicity"),
-    "insert-probe": archived("insert-probe"),
-    "help": lambda r: timings("command", r["sections"]["startup"]["help"]["times"]),
-    "imports": archived("imports"),
-    "errors-postgres": errors_times("postgres"),
-    "errors-sqlite": errors_times("sqlite"),
-    "submit": lambda r: timings("command", r["sections"]["startup"]["submit"]["times"], "s"),
-    "submit-phases": archived("submit-phases"),
-    "serve": archived("serve"),
-}
-
-
 def render(doc: str, results: dict[str, Any]) -> str:
     """``doc`` with every table block regenerated; a table whose section was not measured
     this time is left as it was."""
@@ -426,17 +409,28 @@ def release_compare(r: dict[str, Any]) -> str:
     )
 
 
-TABLES.update(
-    {
-        "throughput": throughput,
-        "throughput-probes": throughput_probes,
-        "profiles": profiles,
-        "release-compare": release_compare,
-        "workers-run": workers_facts,
-        "workers-idle": workers_idle,
-        "workers-scaling": workers_scaling,
-    }
-)
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "run": run,
+    "targets": targets,
+    "limiter": limiter,
+    "filing": filing,
+    "atomicity": archived("atomicity"),
+    "insert-probe": archived("insert-probe"),
+    "help": lambda r: timings("command", r["sections"]["startup"]["help"]["times"]),
+    "imports": archived("imports"),
+    "errors-postgres": errors_times("postgres"),
+    "errors-sqlite": errors_times("sqlite"),
+    "submit": lambda r: timings("command", r["sections"]["startup"]["submit"]["times"], "s"),
+    "submit-phases": archived("submit-phases"),
+    "serve": archived("serve"),
+    "throughput": throughput,
+    "throughput-probes": throughput_probes,
+    "profiles": profiles,
+    "release-compare": release_compare,
+    "workers-run": workers_facts,
+    "workers-idle": workers_idle,
+    "workers-scaling": workers_scaling,
+}
 
 if __name__ == "__main__":
     write(json.loads(RESULTS.read_text(encoding="utf-8")))
