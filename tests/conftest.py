@@ -204,6 +204,27 @@ def start_accessctl(
     return ForkedPopen(FORK_SERVER, command, **popen)
 
 
+def run_accessctl(
+    args: list[str], *, input: str | None = None, timeout: float = 120, **popen: Any
+) -> subprocess.CompletedProcess[str]:
+    """``start_accessctl`` to its end, text output captured (killed after ``timeout``)."""
+    with start_accessctl(
+        args,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    ) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
+
+
 @dataclass
 class Cli:
     """The real CLI, in-process (Typer's CliRunner), against one test database."""
@@ -260,15 +281,13 @@ class Cli:
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
         """``accessctl`` in a process of its own, to its end (killed after ``timeout``)."""
-        with self.popen(*args, **env) as proc:
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise
-        assert proc.returncode is not None
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        self._apply_shared_limit(args, env)
+        return run_accessctl(
+            list(args),
+            timeout=timeout,
+            new_interpreter=self.new_interpreter,
+            env={**os.environ, **self.base_env(), **env},
+        )
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
         """``accessctl`` in a process of its own: forked from the fork server, or the

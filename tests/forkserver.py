@@ -24,7 +24,6 @@ child, which saves its own data file before it exits (``cli._save_coverage``).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import selectors
@@ -114,8 +113,9 @@ def _start_child(
     request = json.loads(message)
     pid = os.fork()
     if pid == 0:
-        listener.close()
-        conn.close()
+        # What exec would close: the server's sockets (the other children's included).
+        for sock in (listener, conn, *children.values()):
+            sock.close()
         for fd in wake:
             os.close(fd)
         _run_accessctl(request, fds)  # never returns
@@ -246,12 +246,8 @@ class ChildLink:
         self._conn.setblocking(block)
         try:
             message = self._conn.recv(MESSAGE_BYTES)
-        except BlockingIOError:
+        except BlockingIOError:  # not ended yet
             return None
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return None
-            raise
         self._conn.close()
         if not message:
             raise RuntimeError(f"the fork server lost child {self.pid}")

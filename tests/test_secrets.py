@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from accessctl.db import describe_db_error, hide_password, url_secrets
-from conftest import FAST_LIMIT, POSTGRES_URL, Cli, start_accessctl
+from conftest import FAST_LIMIT, POSTGRES_URL, Cli, run_accessctl
 from pgfakes import FakePostgres
 
 needs_postgres = pytest.mark.skipif(not POSTGRES_URL, reason="ACCESSCTL_TEST_POSTGRES_URL not set")
@@ -77,21 +77,9 @@ class SecretDatabase:
             "ACCESSCTL_SHUTDOWN_GRACE": "3",
             **env,
         }
-        with start_accessctl(
-            ["--log-format", "json", "-v", *args],
-            env=full_env,
-            stdin=subprocess.PIPE if input is not None else None,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=self.home,
-        ) as proc:
-            try:
-                out, err = proc.communicate(input, timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        done = run_accessctl(
+            ["--log-format", "json", "-v", *args], input=input, env=full_env, cwd=self.home
+        )
         self.captured.outputs.append((list(args), done.returncode, done.stdout, done.stderr))
         if expect is not None:
             assert done.returncode == expect, (args, done.returncode, done.stdout, done.stderr)
