@@ -187,6 +187,47 @@ def test_a_clean_exit_waits_for_the_requests_it_claimed(cli: Cli) -> None:
         assert not any(t.is_alive() for t in claim_threads())
 
 
+def test_a_claim_thread_still_starting_does_not_break_the_stop(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DBOS's queue manager can be starting a queue's claim thread as the stop comes:
+    listed by ``threading.enumerate`` but not alive yet, and joining it raises. The stop
+    must go on (the thread sees the stop before its first claim)."""
+    from accessctl.logs import configure_logging
+    from accessctl.runtime import drain_requests, executing_runtime
+    from accessctl.settings import resolve_settings
+
+    starting_up = threading.Thread(target=lambda: None, name="queue-worker-starting")
+    listed = threading.enumerate
+    monkeypatch.setattr(threading, "enumerate", lambda: [*listed(), starting_up])
+    configure_logging("json")
+    with executing_runtime(resolve_settings(env={"ACCESSCTL_DATABASE_URL": cli.database_url})):
+        drain_requests(grace=5)
+
+
+def test_the_dbos_instance_is_destroyed_whatever_the_drain_meets(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DBOS keeps one instance per process and ``DBOS(config=...)`` hands back one that
+    exists: left behind by a failed stop, the next runtime in the process (the server's,
+    a test's) got it with its threads stopped and its database gone, and waited forever."""
+    from dbos import _dbos
+
+    from accessctl import runtime
+    from accessctl.logs import configure_logging
+    from accessctl.settings import resolve_settings
+
+    def failing_drain(grace: float) -> None:
+        raise RuntimeError("the drain failed")
+
+    monkeypatch.setattr(runtime, "drain_requests", failing_drain)
+    configure_logging("json")
+    settings = resolve_settings(env={"ACCESSCTL_DATABASE_URL": cli.database_url})
+    with pytest.raises(RuntimeError, match="the drain failed"), runtime.executing_runtime(settings):
+        assert _dbos._dbos_global_instance is not None
+    assert _dbos._dbos_global_instance is None
+
+
 def test_a_dbos_without_a_paced_loop_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from dbos import _queue
 

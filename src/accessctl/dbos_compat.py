@@ -220,8 +220,11 @@ def stop_dequeuing(timeout: float) -> None:
     # DBOS runs each queue's claims in a thread named after the queue; a claim already
     # sent to the database completes, and its workflows are dispatched, after the stop.
     deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread.name.startswith("queue-worker-") and thread is not threading.current_thread():
+    claimers = [t for t in threading.enumerate() if t.name.startswith("queue-worker-")]
+    for thread in claimers:
+        # A thread still starting (listed, not yet alive) cannot be joined; it sees the
+        # stop before its first claim.
+        if thread.is_alive() and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
 
 

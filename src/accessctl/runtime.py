@@ -274,17 +274,25 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
     finally:
         if adopter is not None:
             adopter.stop()
-        if launched:
-            drain_requests(settings.shutdown_grace)
-            DBOS.destroy(workflow_completion_timeout_sec=0)
-        else:
-            with contextlib.suppress(Exception):
-                DBOS.destroy()
-        if listener is not None:
-            listener.stop()
-        workflows.unbind()
-        if client is not None:
-            client.destroy()
-        if lease is not None:
-            lease.release()
-        engine.dispose()
+        try:
+            if launched:
+                try:
+                    drain_requests(settings.shutdown_grace)
+                finally:
+                    # Whatever the drain met: DBOS keeps one instance per process, and
+                    # one left behind would be handed to the next runtime in this process
+                    # (the server's, a test's) with its threads stopped and its database
+                    # gone.
+                    DBOS.destroy(workflow_completion_timeout_sec=0)
+            else:
+                with contextlib.suppress(Exception):
+                    DBOS.destroy()
+        finally:
+            if listener is not None:
+                listener.stop()
+            workflows.unbind()
+            if client is not None:
+                client.destroy()
+            if lease is not None:
+                lease.release()
+            engine.dispose()
