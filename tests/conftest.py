@@ -182,6 +182,7 @@ def database_url(
     try:
         yield url
     finally:
+        close_query_engine(url)
         database_pool.give_back(name)
 
 
@@ -223,6 +224,46 @@ def run_accessctl(
             proc.communicate()
             raise
     return subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
+
+
+# The tests' own queries on a Postgres database, through one pooled engine per database
+# for the test: they poll (wait_for, every 50 ms), and a new engine per query cost 2.3 ms
+# of CPU here plus a server backend's start. SQLite keeps a new engine per query: it is
+# cheap there, and no connection then outlives a query on a file a test may replace.
+_QUERY_ENGINES: dict[str, sa.Engine] = {}
+
+
+@contextlib.contextmanager
+def query_connection(url: str) -> Iterator[sa.Connection]:
+    from accessctl.db import make_engine
+
+    if url.startswith("sqlite"):
+        sqlite_engine = make_engine(url)
+        try:
+            with sqlite_engine.connect() as conn:
+                yield conn
+        finally:
+            sqlite_engine.dispose()
+        return
+    if url not in _QUERY_ENGINES:
+        _QUERY_ENGINES[url] = make_engine(url, pool_size=1)
+    with _QUERY_ENGINES[url].connect() as conn:
+        yield conn
+
+
+def close_query_engine(url: str) -> None:
+    engine = _QUERY_ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _close_query_engines() -> Iterator[None]:
+    """Close the tests' query connections when the test ends (``database_url`` closes its
+    own before it drops the database)."""
+    yield
+    for url in list(_QUERY_ENGINES):
+        close_query_engine(url)
 
 
 @dataclass
@@ -308,20 +349,12 @@ class Cli:
         return make_engine(self.database_url)
 
     def scalar(self, sql: str, **params: Any) -> Any:
-        engine = self.engine()
-        try:
-            with engine.connect() as conn:
-                return conn.execute(sa.text(sql), params).scalar()
-        finally:
-            engine.dispose()
+        with query_connection(self.database_url) as conn:
+            return conn.execute(sa.text(sql), params).scalar()
 
     def rows(self, sql: str, **params: Any) -> list[Any]:
-        engine = self.engine()
-        try:
-            with engine.connect() as conn:
-                return list(conn.execute(sa.text(sql), params))
-        finally:
-            engine.dispose()
+        with query_connection(self.database_url) as conn:
+            return list(conn.execute(sa.text(sql), params))
 
     @property
     def workflow_table(self) -> str:
@@ -337,6 +370,27 @@ class Cli:
         result = self("users", "import", "-", input="\n".join(lines) + "\n")
         assert result.exit_code == 0, result.output + result.stderr
         return ids
+
+
+# Test processes per core for `-n auto` (pyproject.toml's addopts). Most of a test's time
+# is spent waiting on the accessctl processes and timers it started, so three per core keep
+# two cores busy. Under coverage each process needs about half as much CPU again, and at
+# three per core a 2-core machine was so loaded that a provider call reached the fake
+# provider later than the limiter's call slack allows (test_provider.py's limit test failed
+# two CI runs in four). More than eight would open more Postgres connections than a default
+# server's 100.
+WORKERS_PER_CORE = 3
+WORKERS_PER_CORE_UNDER_COVERAGE = 2
+MAX_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own override
+    coverage = sys.modules.get("coverage")
+    measured = coverage is not None and coverage.Coverage.current() is not None
+    per_core = WORKERS_PER_CORE_UNDER_COVERAGE if measured else WORKERS_PER_CORE
+    return min(MAX_WORKERS, per_core * len(os.sched_getaffinity(0)))
 
 
 # Where the run's migrated templates are recorded, shared by every xdist worker: set by
