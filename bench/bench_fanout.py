@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from common import (
-    REQUEST_QUEUE,
+    QUEUE_NAME,
     Backend,
     Sampler,
     backend,
@@ -66,7 +66,7 @@ def filing_run(kind: str, n: int, tag: str) -> dict[str, Any]:
         with Sampler(lambda: rss_kib(proc.pid), 0.05) as rss:
             while seen_at is None and proc.poll() is None and time.monotonic() < proc.started + 600:
                 with engine.connect() as conn:
-                    seen = int(conn.scalar(count, {"q": REQUEST_QUEUE}) or 0)
+                    seen = int(conn.scalar(count, {"q": QUEUE_NAME}) or 0)
                 if seen >= n:
                     seen_at = time.monotonic()
                 else:
@@ -79,7 +79,7 @@ def filing_run(kind: str, n: int, tag: str) -> dict[str, Any]:
         after = pg_counters(b)
         enqueued, last_round = b.rows(
             f"SELECT count(*), max(created_at) FROM {b.table} WHERE queue_name = :q",
-            q=REQUEST_QUEUE,
+            q=QUEUE_NAME,
         )[0]
         tx_start = _batch_started(b)
     filed = find_event(tag, FILED)

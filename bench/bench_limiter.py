@@ -16,7 +16,7 @@ import bisect
 import time
 from typing import Any
 
-from common import REQUEST_QUEUE, backend, backends, log, median, run_cli, set_shared_limit
+from common import QUEUE_NAME, backend, backends, log, median, run_cli, set_shared_limit
 
 
 def one_run(kind: str, limit: int, period: int, run: int) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def one_run(kind: str, limit: int, period: int, run: int) -> dict[str, Any]:
             for (s,) in b.rows(
                 f"SELECT started_at_epoch_ms FROM {b.table} WHERE queue_name = :q "
                 "AND started_at_epoch_ms IS NOT NULL ORDER BY started_at_epoch_ms",
-                q=REQUEST_QUEUE,
+                q=QUEUE_NAME,
             )
         ]
         recorded = int(b.scalar("SELECT count(*) FROM accesses"))

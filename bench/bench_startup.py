@@ -28,7 +28,7 @@ from common import (
     ACCESSCTL,
     LOG_DIR,
     PYTHON,
-    SEED_USERS,
+    SEED_USER_IDS,
     Backend,
     backend,
     backends,
@@ -98,7 +98,7 @@ def fill_errors(b: Backend, n: int) -> float:
 
     def row(g: int) -> dict[str, Any]:
         batch, request = uuid.UUID(f"00000000-0000-4000-8000-{g % 100:012d}"), f"bench-{g}"
-        user, why = SEED_USERS[1], "no such user"
+        user, why = SEED_USER_IDS[1], "no such user"
         message = error_message(
             batch_id=str(batch),
             request_id=request,
@@ -143,7 +143,7 @@ def errors_on_million(kind: str, rows: int, runs: int) -> dict[str, Any]:
 
 def submit_fresh(runs: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="accessctl-bench-submit-"))
-    env, submit = base_env(XDG_DATA_HOME=str(home)), [ACCESSCTL, "submit", *SEED_USERS]
+    env, submit = base_env(XDG_DATA_HOME=str(home)), [ACCESSCTL, "submit", *SEED_USER_IDS]
     try:
         fresh = time_commands(
             {"submit 4 IDs, fresh embedded database": submit},

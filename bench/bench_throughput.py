@@ -69,7 +69,7 @@ def loop_baseline(b: Backend, n: int, *, orm: bool = False) -> dict[str, Any]:
 
     no_ping = {"pre_ping": False} if "pre_ping" in inspect.signature(make_engine).parameters else {}
     engine = make_engine(b.url, pool_size=4, **no_ping)
-    batch_id, users = uuid.uuid4(), [uuid.UUID(u) for u in common.SEED_USERS]
+    batch_id, users = uuid.uuid4(), [uuid.UUID(u) for u in common.SEED_USER_IDS]
     before = pg_counters(b)
     try:
         t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def workers_run(
         recorded = int(b.scalar("SELECT count(*) FROM accesses") or 0)
         failed = int(b.scalar("SELECT count(*) FROM errors") or 0)
         span = f"SELECT min(started_at_epoch_ms), max(updated_at) FROM {b.table} WHERE queue_name = :q"
-        first_start, last_end = (int(t) / 1000 for t in b.rows(span, q=common.REQUEST_QUEUE)[0])
+        first_start, last_end = (int(t) / 1000 for t in b.rows(span, q=common.QUEUE_NAME)[0])
     out: dict[str, Any] = {
         "backend": kind, "workers": workers, "n": n, "env": extra_env or {}, "recorded": recorded,
         "failed": failed, "exit_codes": [f.returncode for f in finished], "wall_s": round(wall, 2),

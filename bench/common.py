@@ -32,19 +32,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from accessctl.settings import SEED_USER_IDS
-from accessctl.workflows import BATCH_QUEUE_NAME, QUEUE_NAME
+from accessctl.settings import SEED_USER_IDS as SEED_USER_IDS
+from accessctl.workflows import QUEUE_NAME as QUEUE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
 ACCESSCTL = str(Path(sys.executable).parent / "accessctl")
 PYTHON = sys.executable
 ADMIN_URL = os.environ.get(
     "ACCESSCTL_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-SEED_USERS = SEED_USER_IDS
-REQUEST_QUEUE = QUEUE_NAME
-BATCH_QUEUE = BATCH_QUEUE_NAME
 LOG_DIR = Path(tempfile.gettempdir()) / f"accessctl-bench-{os.getpid()}"
 PYCACHE = Path(tempfile.gettempdir()) / "accessctl-bench-pycache"
 
@@ -155,7 +151,7 @@ def backend(kind: str, tag: str, *, users: bool = True) -> Iterator[Backend]:
     try:
         run_cli(b.env, ["migrate"], f"{tag}-migrate", timeout=120)
         if users:
-            people = [f"u{i},u{i}@x.test,{u}" for i, u in enumerate(SEED_USERS)]
+            people = [f"u{i},u{i}@x.test,{u}" for i, u in enumerate(SEED_USER_IDS)]
             csv = "\n".join(["name,email,id", *people])
             run_cli(b.env, ["users", "import", "-"], f"{tag}-users", stdin=csv)
         yield b

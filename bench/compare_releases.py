@@ -144,7 +144,7 @@ def _dbos_plain_main(url: str, n: int, mode: str) -> None:
     client.register_queue("plain")
     options: Any = {"queue_name": "plain", "workflow_name": "plain.request", "app_version": "plain"}
     for i in range(n):
-        client.enqueue(options, f"plain-{batch_id}-{i}", common.SEED_USERS[i % 4], str(batch_id))
+        client.enqueue(options, f"plain-{batch_id}-{i}", common.SEED_USER_IDS[i % 4], str(batch_id))
     client.destroy()
     DBOS(config={"name": "plain", "system_database_url": url, "application_version": "plain"})
     datasource = SQLAlchemyDatasource.create(url)

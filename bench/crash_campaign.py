@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    REQUEST_QUEUE,
+    QUEUE_NAME,
     Backend,
     backend,
     create_database,
@@ -57,7 +57,7 @@ def tally(b: Backend, requests: int) -> dict[str, int]:
     unfinished = b.scalar(f"SELECT count(*) FROM {b.table} WHERE status IN ('PENDING', 'ENQUEUED')")
     again = b.scalar(
         f"SELECT count(*) FROM {b.table} WHERE queue_name = :q AND recovery_attempts > 1",
-        q=REQUEST_QUEUE,
+        q=QUEUE_NAME,
     )
     return {
         "requests": requests,
