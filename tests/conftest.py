@@ -73,7 +73,7 @@ typer.testing._get_command = functools.cache(typer.main.get_command)  # type: ig
 
 def punctual_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every provider attempt counts as reaching its call in time. A loaded machine (the
-    suite runs on four processes) can take more than half the call slack from a start to
+    suite runs on several processes) can take more than half the call slack from a start to
     its call, which sends the try round again; tests about something else must not
     depend on that. The ownership half of the check stays real."""
     from accessctl import workflows
