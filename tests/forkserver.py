@@ -36,10 +36,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-# Every accessctl module, and what the commands import lazily: DBOS's system database
-# for each backend, and Typer's parameter coercion (which brings pydantic, 70 ms).
-# Whatever a child imports beyond these it imports itself (measured from sys.modules at
-# a command's exit: a child once spent an eighth of its CPU importing).
+# Every accessctl module, and what the commands import lazily (listed from sys.modules at
+# a forked command's exit): DBOS's system database for each backend, and Typer's parameter
+# coercion, which brings pydantic (70 ms). A child imports anything else itself.
 PRELOAD_PACKAGE = "accessctl"
 PRELOAD = (
     "dbos._sys_db_sqlite",
