@@ -40,7 +40,7 @@ ACCESSCTL_BIN = str(Path(sys.executable).parent / "accessctl")
 # Python child would otherwise first start coverage.py (which also imports sqlite3).
 UNMEASURED = {"COVERAGE_PROCESS_CONFIG": ""}
 # The accessctl processes of Cli.run and Cli.popen are forked from a server that has
-# imported DBOS, SQLAlchemy and psycopg already (forkserver.py); 0 starts each from its
+# imported accessctl and its libraries already (forkserver.py); 0 starts each from its
 # script instead, as every test whose subject is the interpreter's start-up does anyway.
 FORK_SERVER = ForkServer() if os.environ.get("ACCESSCTL_TEST_FORK_SERVER", "1") != "0" else None
 

@@ -12,10 +12,10 @@ What a forked child does not share with an executed one: the interpreter's start
 itself. Tests whose subject is that (a signal during the imports, start-up cost) start
 the installed script instead (``Cli.popen(..., new_interpreter=True)``).
 
-Only modules every database command imports are loaded before the fork (the list
-below): none of them reads the environment, the clock or the working directory at import,
-so a child starts from the state a fresh process would reach. The server runs no thread,
-so forking it is safe.
+Every accessctl module and the libraries its commands import are loaded before the fork
+(``PRELOAD`` below): none of them reads the environment, the clock or the working directory
+at import, so a child starts from the state a fresh process would reach. The server runs
+no thread, so forking it is safe.
 
 Under coverage (CI), ``[tool.coverage.run] patch = ["fork"]`` restarts measurement in each
 child, which saves its own data file before it exits (``cli._save_coverage``).
@@ -58,13 +58,12 @@ MESSAGE_BYTES = 1 << 20
 
 def serve(socket_path: str) -> None:
     import importlib
+    import pkgutil
 
     # Run as a script, this directory came first on the path; an accessctl process's
     # path does not have it.
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
         del sys.path[0]
-    import pkgutil
-
     package = importlib.import_module(PRELOAD_PACKAGE)
     for module in pkgutil.walk_packages(package.__path__, f"{PRELOAD_PACKAGE}."):
         importlib.import_module(module.name)

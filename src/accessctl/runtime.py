@@ -109,6 +109,22 @@ def drain_requests(grace: float) -> None:
         time.sleep(0.05)
 
 
+def _stop_dbos(launched: bool, grace: float) -> None:
+    """Drain a launched DBOS, then destroy its instance whatever the drain met: DBOS keeps
+    one instance per process, and one left behind would be handed to the next runtime in
+    this process (the server's, a test's) with its threads stopped and its database gone."""
+    from dbos import DBOS
+
+    if not launched:
+        with contextlib.suppress(Exception):
+            DBOS.destroy()
+        return
+    try:
+        drain_requests(grace)
+    finally:
+        DBOS.destroy(workflow_completion_timeout_sec=0)
+
+
 def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dict[str, Any]:
     from accessctl.workflows import WORKFLOW_VERSION
 
@@ -275,18 +291,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         if adopter is not None:
             adopter.stop()
         try:
-            if launched:
-                try:
-                    drain_requests(settings.shutdown_grace)
-                finally:
-                    # Whatever the drain met: DBOS keeps one instance per process, and
-                    # one left behind would be handed to the next runtime in this process
-                    # (the server's, a test's) with its threads stopped and its database
-                    # gone.
-                    DBOS.destroy(workflow_completion_timeout_sec=0)
-            else:
-                with contextlib.suppress(Exception):
-                    DBOS.destroy()
+            _stop_dbos(launched, settings.shutdown_grace)
         finally:
             if listener is not None:
                 listener.stop()
