@@ -82,6 +82,16 @@ class PostgresBackend(Backend):
         f"AND objid::bigint = ({ADVISORY_KEY} & 4294967295)"
     )
 
+    # Every executing process also holds this shared advisory lock (two int4 keys, so
+    # pg_locks shows objsubid = 2, unlike any lease) on its lease session: counting its
+    # holders counts the live executors, who share the queue's concurrency between them.
+    PRESENCE_KEY = (0x61636365, 0x78656373)  # "acce", "xecs"
+    PRESENCE_LOCK = (
+        "locktype = 'advisory' AND granted AND objsubid = 2 "
+        f"AND classid = {PRESENCE_KEY[0]} AND objid = {PRESENCE_KEY[1]} "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
     # The channel new work is announced on (pacing.WorkListener listens).
     WORK_CHANNEL = "accessctl_work"
 

@@ -425,6 +425,9 @@ FULL_QUEUE_MAX_SEC = 0.16
 # A queue whose concurrency another process was seen holding counts as shared this long:
 # a slot freed there is not refilled at once (its owner would race the others for it).
 SHARED_QUEUE_SEC = 2.0
+# A process without a share of the concurrency looks again this often (its lease check
+# learns every LEASE_CHECK_SEC whether an executor with a share has gone).
+STANDBY_SEC = 1.0
 # How long a process reuses DBOS's answer to "is this the latest application version?".
 LATEST_VERSION_TTL_SEC = 10.0
 
@@ -516,10 +519,10 @@ def pace_dbos_loops() -> None:
     def reported_claim(self: Any, queue: Any, *args: Any, **kwargs: Any) -> Any:
         from accessctl.pacing import pacer
 
-        cap = process_concurrency
+        cap, sharing = process_share(queue)
         if cap is not None and queue._worker_concurrency is not None:
             # DBOS's queue row holds one per-process limit for every process; this
-            # process's own (ACCESSCTL_WORKER_CONCURRENCY) applies to its claims only.
+            # process's own share applies to its claims only.
             queue = copy.copy(queue)
             queue._worker_concurrency = min(int(queue._worker_concurrency), cap)
 
@@ -531,7 +534,13 @@ def pace_dbos_loops() -> None:
             # yet (a busy host) counted as nothing, and could let a claim exceed the
             # per-process limit.
             args = (*args[:3], int(args[3]) + not_started, *args[4:])
-        claimed, reason = claim(self, queue, *args, **kwargs)
+        local = int(args[3]) if len(args) > 3 else 0
+        if queue._worker_concurrency is not None and local >= int(queue._worker_concurrency):
+            # DBOS would learn this inside its claim transaction (behind the claim lock);
+            # a process at its share would take that lock at every look for nothing.
+            claimed, reason = [], "worker_concurrency"
+        else:
+            claimed, reason = claim(self, queue, *args, **kwargs)
         starting.claimed(claimed, queue.name)
         paced = pacer()
         if claimed:
@@ -544,10 +553,13 @@ def pace_dbos_loops() -> None:
                 paced.hold(queue.name, opens_in + 0.002)
         elif reason is not None:
             paced.activity()  # a full concurrency limit: work is waiting
-        if reason == "concurrency" and queue._concurrency is not None:
-            local = int(args[3]) if len(args) > 3 else 0
-            if local + len(claimed) < int(queue._concurrency):
-                shared_until[queue.name] = time.monotonic() + SHARED_QUEUE_SEC
+        if (
+            reason == "concurrency"
+            and queue._concurrency is not None
+            and not sharing
+            and local + len(claimed) < int(queue._concurrency)
+        ):
+            shared_until[queue.name] = time.monotonic() + SHARED_QUEUE_SEC
         if reason == "concurrency" and not claimed:
             # The queue-wide limit is full with other processes' requests: a slot frees
             # when one of theirs ends, which nothing here hears of. Look again after a
@@ -558,6 +570,10 @@ def pace_dbos_loops() -> None:
             paced.hold(queue.name, pause, until_freed=True)
         else:
             full_pause.pop(queue.name, None)
+        if sharing and cap == 0:
+            # No share while other executors hold the whole concurrency: nothing here
+            # changes that but one of them leaving, which the lease check sees.
+            paced.hold(queue.name, STANDBY_SEC)
         return claimed, reason
 
     @functools.wraps(read_queue)
@@ -647,6 +663,10 @@ STARTING_TTL_SEC = 5.0
 # The most requests this process runs at once (``cap_process_concurrency``); None: as
 # many as the shared concurrency allows.
 process_concurrency: int | None = None
+# Where this process stands among the live executors (``share_concurrency``).
+# The fewest slots an executor with a share takes (``share_of``).
+MIN_SHARE = 5
+_peers: Callable[[], tuple[int, int] | None] | None = None
 
 
 def cap_process_concurrency(cap: int | None) -> None:
@@ -655,6 +675,46 @@ def cap_process_concurrency(cap: int | None) -> None:
     (ACCESSCTL_WORKER_CONCURRENCY, docs/operations.md)."""
     global process_concurrency
     process_concurrency = cap
+
+
+def share_concurrency(peers: Callable[[], tuple[int, int] | None] | None) -> None:
+    """Without a cap of its own, let this process take its share of the queue-wide
+    concurrency: ``peers()`` says how many live executors come before it and how many
+    there are (``Lease.peers``; None where unknown: then it takes what it finds free)."""
+    global _peers
+    _peers = peers
+
+
+def share_active(total: int, executors: int) -> int:
+    """How many of ``executors`` take a part of ``total`` slots (``share_of``)."""
+    return max(1, min(executors, total // MIN_SHARE))
+
+
+def share_of(total: int, ahead: int, executors: int) -> int:
+    """One executor's part of ``total`` slots split between ``executors``: the first
+    ones, as many as give each at least ``MIN_SHARE``, take parts within one of each
+    other (the first ``total % active`` one larger) summing to ``total``; the rest take
+    none until one of those is gone. Claims take turns (``serialize_postgres_claims``),
+    and each claim refills only its own freed slots: parts smaller than that would cost
+    a claim for every request or two, and the turns would bind first."""
+    active = share_active(total, executors)
+    if ahead >= active:
+        return 0
+    return total // active + (1 if ahead < total % active else 0)
+
+
+def process_share(queue: Any) -> tuple[int | None, int]:
+    """The most of ``queue``'s concurrency this process takes now, and how many
+    executors share it out (0: none does; this process takes what it finds free). With a
+    share, a slot it frees is its own to refill: no other executor, each within its
+    share, takes it."""
+    if process_concurrency is not None:
+        return process_concurrency, 0
+    seen = _peers() if _peers is not None and queue._concurrency is not None else None
+    if seen is None or seen[1] <= 1:
+        return None, 0
+    total = int(queue._concurrency)
+    return share_of(total, *seen), share_active(total, seen[1])
 
 
 def window_opens_in(sys_db: Any, queue: Any) -> float:

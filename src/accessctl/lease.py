@@ -123,6 +123,11 @@ class Lease:
         """How long another executor's lease must stay free before its work is adopted."""
         raise NotImplementedError
 
+    def peers(self) -> tuple[int, int] | None:
+        """(how many live executors come before this one, how many there are), as of the
+        last check; None where unknown. Executors share the queue's concurrency by it."""
+        return None
+
     def _register(self) -> None:
         global _process_lease
         _process_lease = self
@@ -201,11 +206,16 @@ class AdvisoryLease(Lease):
     sightings, start work unseen and lose its lease again."""
 
     _KEY = PostgresBackend.ADVISORY_KEY
-    # Whether this session holds the advisory lock on :id.
-    _HELD = (
-        "SELECT count(*) FROM pg_locks "
-        f"WHERE {PostgresBackend.ADVISORY_LOCK_OF_ID} AND pid = pg_backend_pid()"
+    # Whether this session holds the advisory lock on :id, and the live executors (their
+    # presence locks): how many, and how many of them have a lower server PID than ours.
+    _CHECK = (
+        "SELECT count(*) FILTER (WHERE "
+        f"{PostgresBackend.ADVISORY_LOCK_OF_ID} AND pid = pg_backend_pid()), "
+        f"count(*) FILTER (WHERE {PostgresBackend.PRESENCE_LOCK}), "
+        f"count(*) FILTER (WHERE {PostgresBackend.PRESENCE_LOCK} AND pid < pg_backend_pid()) "
+        "FROM pg_locks"
     )
+    _PRESENT = "SELECT pg_try_advisory_lock_shared({}, {})".format(*PostgresBackend.PRESENCE_KEY)
 
     def __init__(
         self,
@@ -221,6 +231,7 @@ class AdvisoryLease(Lease):
         self._confirmed_at: float | None = None
         self._lost_at: float | None = None
         self._held_others: set[str] = set()  # other executors' locks we are holding
+        self._peers: tuple[int, int] | None = None
 
     def _try_lock(self, conn: sa.Connection, executor_id: str) -> bool:
         import sqlalchemy as sa
@@ -237,6 +248,9 @@ class AdvisoryLease(Lease):
         try:
             for attempt in range(ACQUIRE_TRIES):
                 if self._try_lock(conn, self.executor_id):
+                    # Shared, so it never waits; counted by every executor's check.
+                    conn.exec_driver_sql(self._PRESENT)
+                    self._check(conn)
                     self._conn = conn
                     self._confirmed_at = self._clock()
                     return True
@@ -248,6 +262,15 @@ class AdvisoryLease(Lease):
             raise
         conn.close()
         return False
+
+    def _check(self, conn: sa.Connection) -> bool:
+        """Whether ``conn``'s session holds our lock; counts the live executors too."""
+        import sqlalchemy as sa
+
+        held, executors, ahead = conn.execute(sa.text(self._CHECK), {"id": self.executor_id}).one()
+        conn.commit()
+        self._peers = (int(ahead), int(executors)) if executors else None
+        return bool(held)
 
     def _lose(self, reason: str) -> None:
         """Our session, and every lock on it, is gone (caller holds ``_lock``): fenced from
@@ -270,6 +293,7 @@ class AdvisoryLease(Lease):
                 self._conn.close()
         self._conn = None
         self._confirmed_at = None
+        self._peers = None
         self._held_others.clear()
 
     def acquire(self) -> None:
@@ -291,19 +315,13 @@ class AdvisoryLease(Lease):
         return LEASE_FENCE_SEC + (call_timeout or 0.0) + 2 * LEASE_CHECK_SEC
 
     def keep_alive(self) -> None:
-        import sqlalchemy as sa
-
         with self._lock:
             if self._conn is not None:
                 reason = "lock not held by our session"
                 try:
                     # Not just "SELECT 1": SQLAlchemy silently reconnects an invalidated
                     # connection on its next use, and a new session holds no lock.
-                    held = self._conn.execute(
-                        sa.text(self._HELD), {"id": self.executor_id}
-                    ).scalar()
-                    self._conn.commit()
-                    if held:
+                    if self._check(self._conn):
                         self._confirmed_at = self._clock()
                         return
                 except Exception as exc:
@@ -329,6 +347,9 @@ class AdvisoryLease(Lease):
         from accessctl.pacing import pacer
 
         pacer().wake()  # whatever waited for the lease starts now
+
+    def peers(self) -> tuple[int, int] | None:
+        return self._peers if self.confirmed() else None
 
     def is_free(self, other_id: str) -> bool:
         if not self.confirmed():
@@ -370,6 +391,7 @@ class AdvisoryLease(Lease):
                     self._conn.close()
             self._conn = None
             self._confirmed_at = None
+            self._peers = None
             self._held_others.clear()
 
 

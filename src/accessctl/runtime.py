@@ -228,6 +228,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         check_dbos_version,
         serialize_postgres_claims,
         serialize_sqlite_claims,
+        share_concurrency,
     )
     from accessctl.lease import Adopter, gate_dequeue_on_lease, make_lease, new_executor_id
     from accessctl.schema import ensure_schema
@@ -263,6 +264,7 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
         else:
             serialize_postgres_claims()
         cap_process_concurrency(settings.worker_concurrency)
+        share_concurrency(lease.peers)
         gate_dequeue_on_lease()  # before launch: DBOS starts dequeuing inside it
         listener = start_pacing(engine, settings)
         DBOS(config=_dbos_config(settings, engine, executor_id))  # type: ignore[arg-type]
@@ -299,5 +301,6 @@ def executing_runtime(settings: Settings) -> Iterator[Runtime]:
             if client is not None:
                 client.destroy()
             if lease is not None:
+                share_concurrency(None)
                 lease.release()
             engine.dispose()
