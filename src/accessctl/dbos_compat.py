@@ -677,12 +677,16 @@ def cap_process_concurrency(cap: int | None) -> None:
     process_concurrency = cap
 
 
+_last_share: dict[str, tuple[int, int, int]] = {}
+
+
 def share_concurrency(peers: Callable[[], tuple[int, int] | None] | None) -> None:
     """Without a cap of its own, let this process take its share of the queue-wide
     concurrency: ``peers()`` says how many live executors come before it and how many
     there are (``Lease.peers``; None where unknown: then it takes what it finds free)."""
     global _peers
     _peers = peers
+    _last_share.clear()
 
 
 def share_active(total: int, executors: int) -> int:
@@ -714,7 +718,21 @@ def process_share(queue: Any) -> tuple[int | None, int]:
     if seen is None or seen[1] <= 1:
         return None, 0
     total = int(queue._concurrency)
-    return share_of(total, *seen), share_active(total, seen[1])
+    share, active = share_of(total, *seen), share_active(total, seen[1])
+    if _last_share.get(queue.name) != (share, total, seen[1]):
+        _last_share[queue.name] = (share, total, seen[1])
+        # An operator asking why a live worker runs nothing finds the answer here.
+        import structlog
+
+        structlog.get_logger(__name__).info(
+            "concurrency share" if share else "standing by: other executors hold the concurrency",
+            queue=queue.name,
+            share=share,
+            concurrency=total,
+            executors=seen[1],
+            executors_with_a_share=active,
+        )
+    return share, active
 
 
 def window_opens_in(sys_db: Any, queue: Any) -> float:
