@@ -70,11 +70,13 @@ postgres_claims``)     DBOS doubles the interval after a failure,  serialized_be
 process share          DBOS's per-process limit lives in the       test_faults.py::test_three_
 (``cap_process_        queue's row, shared by every process; an    workers_share_one_global_
 concurrency``,         operator's cap for one host                 limit; test_faults.py::test_
-``ActiveWorkflowBy     (ACCESSCTL_WORKER_CONCURRENCY) is applied   database_restart_runs_every_
-Id.add``)              to this process's claims only. DBOS counts  request_once; test_shared_
-                       a claimed workflow as running only once its limit.py::test_a_process_
-                       thread starts; we count it from its claim.  takes_no_more_than_its_own_
-                                                                   share; test_dbos_contract.py
+``share_concurrency``, (ACCESSCTL_WORKER_CONCURRENCY), or this     database_restart_runs_every_
+``ActiveWorkflowBy     process's share among the live executors,   request_once; test_shared_
+Id.add``)              is applied to its claims only, and a        limit.py::test_a_process_
+                       process at it takes no claim turn. DBOS     takes_no_more_than_its_own_
+                       counts a claimed workflow as running only   share; test_concurrency_
+                       once its thread starts; we count it from    shares.py; test_dbos_
+                       its claim.                                  contract.py
 execution token        Before a provider call, a request checks    test_lease.py::test_a_
 (``execution_token``)  it still owns its workflow (it may have     replaced_execution_does_not_
                        been adopted while its lease was lost);     call; every provider test
