@@ -186,6 +186,44 @@ def _dbos_plain_main(url: str, n: int, mode: str) -> None:
                       **xacts_per_request(b, before, n, settle=1.2)}))  # fmt: skip
 
 
+def fleet_run(n: int, workers: int, tag: str) -> dict[str, Any]:
+    """``workers`` workers already up and idle (as services run), then ``batch N --detach``:
+    req/s from the filing command's start to the last request's end, with no interpreter
+    starting meanwhile; CPU per worker and Postgres transactions over that span only."""
+    with common.backend("postgres", tag) as b:
+        env = {**b.env, "ACCESSCTL_RATE_LIMIT": "none"}
+        with contextlib.suppress(RuntimeError):  # 0.2.0 has no `limit` command: env only
+            common.set_shared_limit(env, tag)
+        procs = [common.spawn_cli(env, ["worker"], f"{tag}-w{i}") for i in range(workers)]
+        try:
+            for proc in procs:
+                while not common.find_event(proc.name, ["worker started"]):
+                    assert proc.poll() is None, f"{proc.name} exited"
+                    time.sleep(0.05)
+            time.sleep(2.0)  # past start-up: every worker idle
+            cpu0, xacts0, wall0 = [proc_cpu_s(p.pid) for p in procs], xacts(b), time.time()
+            common.run_cli(env, ["batch", str(n), "--detach"], f"{tag}-detach")
+            deadline = time.monotonic() + max(180.0, n / 10)
+            while int(b.scalar("SELECT count(*) FROM accesses") or 0) < n:
+                assert time.monotonic() < deadline, f"{tag}: not every request recorded"
+                time.sleep(0.05)
+            cpu = [proc_cpu_s(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+            pg = xacts(b) - xacts0
+        finally:
+            for proc in procs:
+                proc.kill(signal.SIGTERM)
+        span = f"SELECT min(started_at_epoch_ms), max(updated_at) FROM {b.table} WHERE queue_name = :q"
+        first_start, last_end = (int(t) / 1000 for t in b.rows(span, q=common.QUEUE_NAME)[0])
+    wall = last_end - wall0
+    out = {
+        "workers": workers, "n": n, "rate": round(n / wall, 1), "steady_rate": round(n / (last_end - first_start), 1),
+        "pg_xacts_per_request": round(pg / n, 2), "worker_cpu_util": [round(c / wall, 2) for c in cpu],
+        "running_first": True,
+    }  # fmt: skip
+    common.log(f"fleet workers={workers} n={n}: {out}")
+    return out
+
+
 def scaling(trees: dict[str, str], quick: bool) -> dict[str, Any]:
     n, reps = (1000, 1) if quick else (3000, 2)
     n_dbos = min(n // 2, 1000)
@@ -200,6 +238,12 @@ def scaling(trees: dict[str, str], quick: bool) -> dict[str, Any]:
                 with tree_cli(exe):
                     r = workers_run("postgres", n, w, f"wk{w}r{rep}")
                 runs.append({"tree": label, "rep": rep, **r})
+        # Workers already running when the batch is filed, as services are: no
+        # interpreter starts during the measured span.
+        for w in (1, 2, 4):
+            for label, exe in list(trees.items())[:: -1 if rep % 2 else 1]:
+                with tree_cli(exe):
+                    runs.append({"tree": label, "rep": rep, **fleet_run(n, w, f"wf{w}r{rep}")})
         # The tree under test with the concurrency raised too (10 in flight bound the rest).
         label, exe = list(trees.items())[-1]
         for w in (1, 2, 4):

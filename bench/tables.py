@@ -382,7 +382,8 @@ def workers_scaling(r: dict[str, Any]) -> str:
              "dbos-plain": "DBOS, plain transaction"}  # fmt: skip
     def who_ran(x: dict[str, Any]) -> str:
         raised = x.get("env", {}).get("ACCESSCTL_CONCURRENCY")
-        return f"{x['tree']}, concurrency {raised}" if raised else str(x["tree"])
+        who = f"{x['tree']}, concurrency {raised}" if raised else str(x["tree"])
+        return f"{who}, workers already running" if x.get("running_first") else who
 
     whos = dict.fromkeys(who_ran(x) for x in s["runs"])  # in the order they first ran
     groups = [(who, w, xs) for who in whos for w in (1, 2, 4)
