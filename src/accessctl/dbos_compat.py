@@ -717,24 +717,33 @@ def process_share(queue: Any) -> tuple[int | None, int]:
     if process_concurrency is not None:
         return process_concurrency, 0
     seen = _peers() if _peers is not None and queue._concurrency is not None else None
-    if seen is None or seen[1] <= 1:
+    if seen is None:
         return None, 0
     total = int(queue._concurrency)
+    if seen[1] <= 1:
+        _tell_share(queue.name, total, total, 1)
+        return None, 0
     share, active = share_of(total, *seen), share_active(total, seen[1])
-    if _last_share.get(queue.name) != (share, total, seen[1]):
-        _last_share[queue.name] = (share, total, seen[1])
-        # An operator asking why a live worker runs nothing finds the answer here.
-        import structlog
-
-        structlog.get_logger(__name__).info(
-            "concurrency share" if share else "standing by: other executors hold the concurrency",
-            queue=queue.name,
-            share=share,
-            concurrency=total,
-            executors=seen[1],
-            executors_with_a_share=active,
-        )
+    _tell_share(queue.name, share, total, seen[1])
     return share, active
+
+
+def _tell_share(queue_name: str, share: int, total: int, executors: int) -> None:
+    """Log this process's part when it changes (not its first, alone): an operator
+    asking why a live worker runs nothing finds the answer in its log."""
+    last = _last_share.get(queue_name)
+    _last_share[queue_name] = (share, total, executors)
+    if last == (share, total, executors) or (last is None and executors == 1):
+        return
+    import structlog
+
+    structlog.get_logger(__name__).info(
+        "concurrency share" if share else "standing by: other executors hold the concurrency",
+        queue=queue_name,
+        share=share,
+        concurrency=total,
+        executors=executors,
+    )
 
 
 def window_opens_in(sys_db: Any, queue: Any) -> float:
