@@ -21,7 +21,7 @@ from accessctl.lease import AdvisoryLease
 from accessctl.testing.provider import FakeProvider
 from conftest import Cli
 from test_faults import Lines, user_args, wait_for
-from test_lease import kill_session, wait_until_unlocked
+from test_lease import Clock, kill_session, wait_until_unlocked
 
 # --- the split ---------------------------------------------------------------------------
 
@@ -129,6 +129,8 @@ def test_a_standby_waits_for_the_lease_check_not_the_queue_interval(claim_hook: 
     until, freed_ends_it = pacing.pacer()._holds["access-requests"]
     assert until - pacing.pacer()._clock() > dbos_compat.STANDBY_SEC / 2
     assert not freed_ends_it
+    # Nothing here for it to do: its other loops keep an idle process's pace.
+    assert pacing.pacer().activities == 0
 
 
 # --- who is live -------------------------------------------------------------------------
@@ -172,6 +174,26 @@ def test_every_live_executor_is_counted_once_with_its_own_place(pg_engine: sa.En
     finally:
         for lease in leases:
             lease.release()
+
+
+def test_a_stale_count_is_refreshed_when_asked(pg_engine: sa.Engine) -> None:
+    """An idle process checks its lease seldom; asking who is live after longer than
+    PEERS_MAX_AGE_SEC counts anew (a standby asks at every look)."""
+    from accessctl.lease import PEERS_MAX_AGE_SEC
+
+    clock = Clock()
+    first = AdvisoryLease(pg_engine, f"test-{uuid.uuid4().hex}", clock=clock)
+    second = AdvisoryLease(pg_engine, f"test-{uuid.uuid4().hex}", clock=clock)
+    try:
+        first.acquire()
+        assert first.peers() == (0, 1)
+        second.acquire()
+        assert first.peers() == (0, 1)  # as of its last check: fresh enough
+        clock.now += PEERS_MAX_AGE_SEC + 0.01
+        assert first.peers() is not None and first.peers()[1] == 2  # type: ignore[index]
+    finally:
+        second.release()
+        first.release()
 
 
 # --- workers for real ------------------------------------------------------------------------

@@ -427,8 +427,8 @@ FULL_QUEUE_MAX_SEC = 0.16
 # A queue whose concurrency another process was seen holding counts as shared this long:
 # a slot freed there is not refilled at once (its owner would race the others for it).
 SHARED_QUEUE_SEC = 2.0
-# A process without a share of the concurrency looks again this often (its lease check
-# learns every LEASE_CHECK_SEC whether an executor with a share has gone).
+# A process without a part of the concurrency looks again this often, counting the live
+# executors anew (Lease.peers) to learn whether one with a part has gone.
 STANDBY_SEC = 1.0
 # How long a process reuses DBOS's answer to "is this the latest application version?".
 LATEST_VERSION_TTL_SEC = 10.0
@@ -553,7 +553,7 @@ def pace_dbos_loops() -> None:
             opens_in = window_opens_in(self, queue)
             if opens_in > 0:
                 paced.hold(queue.name, opens_in + 0.002)
-        elif reason is not None:
+        elif reason is not None and not (sharing and cap == 0):
             paced.activity()  # a full concurrency limit: work is waiting
         if (
             reason == "concurrency"
@@ -573,8 +573,9 @@ def pace_dbos_loops() -> None:
         else:
             full_pause.pop(queue.name, None)
         if sharing and cap == 0:
-            # No share while other executors hold the whole concurrency: nothing here
-            # changes that but one of them leaving, which the lease check sees.
+            # No part while other executors hold the whole concurrency: nothing here
+            # changes that but one of them leaving, which the next look's executor count
+            # sees. Meanwhile this process is as idle as one with nothing queued.
             paced.hold(queue.name, STANDBY_SEC)
         return claimed, reason
 

@@ -54,6 +54,8 @@ LEASE_FENCE_SEC = 3.0
 # A failed re-acquire is tried again this many times per round, this far apart: another
 # process's adopter takes our lock for an instant whenever it probes whether it is free.
 ACQUIRE_TRIES = 3
+# Who is live (``peers``) is refreshed on demand once the last check is this old.
+PEERS_MAX_AGE_SEC = 1.5
 # An on-demand confirmation (``confirm_now``) is tried at most this often.
 CONFIRM_RETRY_SEC = 0.5
 ACQUIRE_RETRY_SEC = 0.05
@@ -349,6 +351,14 @@ class AdvisoryLease(Lease):
         pacer().wake()  # whatever waited for the lease starts now
 
     def peers(self) -> tuple[int, int] | None:
+        at = self._confirmed_at
+        if at is None or self._clock() - at > PEERS_MAX_AGE_SEC:
+            # An idle process checks its lease seldom; a standby asks every second or so
+            # (dbos_compat.STANDBY_SEC) whether one with a part has gone.
+            try:
+                self.confirm_now()
+            except Exception as exc:  # keep_alive handles database faults; never fail a claim
+                log.debug("executor count not refreshed", error=type(exc).__name__)
         return self._peers if self.confirmed() else None
 
     def is_free(self, other_id: str) -> bool:
