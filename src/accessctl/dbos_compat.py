@@ -524,7 +524,7 @@ def pace_dbos_loops() -> None:
         cap, sharing = process_share(queue)
         if cap is not None and queue._worker_concurrency is not None:
             # DBOS's queue row holds one per-process limit for every process; this
-            # process's own share applies to its claims only.
+            # process's own cap or part applies to its claims only.
             queue = copy.copy(queue)
             queue._worker_concurrency = min(int(queue._worker_concurrency), cap)
 
@@ -666,10 +666,12 @@ STARTING_TTL_SEC = 5.0
 # The most requests this process runs at once (``cap_process_concurrency``); None: as
 # many as the shared concurrency allows.
 process_concurrency: int | None = None
-# Where this process stands among the live executors (``share_concurrency``).
-# The fewest slots an executor with a share takes (``share_of``).
+# The fewest slots an executor with a part of the concurrency takes (``share_of``).
 MIN_SHARE = 5
+# Where this process stands among the live executors (``share_concurrency``).
 _peers: Callable[[], tuple[int, int] | None] | None = None
+# The part this process last logged, by queue: (part, concurrency, executors).
+_last_share: dict[str, tuple[int, int, int]] = {}
 
 
 def cap_process_concurrency(cap: int | None) -> None:
@@ -678,9 +680,6 @@ def cap_process_concurrency(cap: int | None) -> None:
     (ACCESSCTL_WORKER_CONCURRENCY, docs/operations.md)."""
     global process_concurrency
     process_concurrency = cap
-
-
-_last_share: dict[str, tuple[int, int, int]] = {}
 
 
 def share_concurrency(peers: Callable[[], tuple[int, int] | None] | None) -> None:
