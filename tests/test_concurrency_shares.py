@@ -209,6 +209,51 @@ def _executors_of(cli: Cli, batch_id: str) -> list[str]:
     return [str(executor) for executor, _ in rows]
 
 
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    return max((sum(1 for s, e in spans if s <= start < e) for start, _ in spans), default=0)
+
+
+@contextlib.contextmanager
+def _two_workers(cli: Cli, env: dict[str, str]) -> Iterator[tuple[list[Any], list[Lines]]]:
+    """Two ``accessctl worker`` processes and their stderr; stopped (SIGTERM) at the end,
+    whichever of them is still there."""
+    workers = [cli.popen("worker", **env) for _ in range(2)]
+    logs = [Lines(w) for w in workers]
+    try:
+        yield workers, logs
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.communicate(timeout=60)
+
+
+def _fleet_env(provider: FakeProvider, concurrency: int) -> dict[str, str]:
+    return {
+        "ACCESSCTL_RATE_LIMIT": "none",
+        "ACCESSCTL_CONCURRENCY": str(concurrency),
+        "ACCESSCTL_PROVIDER_URL": provider.url,
+        "ACCESSCTL_PROVIDER_TIMEOUT": "2",
+        "ACCESSCTL_LOG_FORMAT": "json",
+    }
+
+
+def _file(cli: Cli, env: dict[str, str], n: int) -> str:
+    """``batch N --detach`` for two new users: the batch's ID."""
+    filed = cli("batch", str(n), *user_args(cli.add_users(2)), "--detach", **env)
+    assert filed.exit_code == 0, filed.stderr
+    return filed.stdout.strip()
+
+
+def _when_done(cli: Cli, batch_id: str) -> dict[str, Any]:
+    def status() -> dict[str, Any]:
+        return dict(cli.json("status", batch_id, "--json"))
+
+    wait_for(lambda: status()["state"] == "done", timeout=90, what="the batch done")
+    return status()
+
+
 @pytest.mark.slow
 def test_a_standby_worker_takes_over_when_the_one_with_the_share_dies(
     cli: Cli, backend: str
@@ -218,23 +263,12 @@ def test_a_standby_worker_takes_over_when_the_one_with_the_share_dies(
     every request recorded once, never more than 4 calls at once."""
     if backend != "postgres":
         pytest.skip("executors are counted on Postgres")
-    users = cli.add_users(2)
     with FakeProvider(delay=0.3) as provider:
-        env = {
-            "ACCESSCTL_RATE_LIMIT": "none",
-            "ACCESSCTL_CONCURRENCY": "4",
-            "ACCESSCTL_PROVIDER_URL": provider.url,
-            "ACCESSCTL_PROVIDER_TIMEOUT": "2",
-            "ACCESSCTL_LOG_FORMAT": "json",
-        }
-        workers = [cli.popen("worker", **env) for _ in range(2)]
-        logs = [Lines(w) for w in workers]
-        try:
+        env = _fleet_env(provider, 4)
+        with _two_workers(cli, env) as (workers, logs):
             for log in logs:
                 wait_for(functools.partial(log.has, "worker started"), what="a worker up")
-            filed = cli("batch", "24", *user_args(users), "--detach", **env)
-            assert filed.exit_code == 0, filed.stderr
-            batch_id = filed.stdout.strip()
+            batch_id = _file(cli, env, 24)
             done = functools.partial(_executors_of, cli, batch_id)
             wait_for(lambda: len(done()) >= 1, what="the first requests done")
             (active,) = done()  # one executor runs them all
@@ -244,25 +278,12 @@ def test_a_standby_worker_takes_over_when_the_one_with_the_share_dies(
                 functools.partial(logs[standby].has, "standing by"), what="the standby's line"
             )
             workers[1 - standby].send_signal(signal.SIGKILL)
-
-            def status() -> Any:
-                return cli.json("status", batch_id, "--json")
-
-            wait_for(lambda: status()["state"] == "done", timeout=90, what="the batch done")
-        finally:
-            for w in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    w.send_signal(signal.SIGTERM)
-            for w in workers:
-                w.communicate(timeout=60)
-        calls = list(provider.calls)
-    assert (status()["recorded"], status()["failed"]) == (24, 0)
+            status = _when_done(cli, batch_id)
+        calls = [(c.arrived, c.finished) for c in provider.calls]
+    assert (status["recorded"], status["failed"]) == (24, 0)
     assert cli.scalar("SELECT count(*) FROM accesses") == 24
     assert len(done()) == 2  # the standby took over
-    most = 0
-    for call in calls:
-        most = max(most, sum(1 for c in calls if c.arrived <= call.arrived < c.finished))
-    assert most <= 4
+    assert _most_at_once(calls) <= 4
 
 
 @pytest.mark.slow
@@ -271,34 +292,17 @@ def test_two_workers_each_take_their_half(cli: Cli, backend: str) -> None:
     than 5 at once, and the provider never sees more than 10."""
     if backend != "postgres":
         pytest.skip("executors are counted on Postgres")
-    users = cli.add_users(2)
     with FakeProvider(delay=0.3) as provider:
-        env = {
-            "ACCESSCTL_RATE_LIMIT": "none",
-            "ACCESSCTL_CONCURRENCY": "10",
-            "ACCESSCTL_PROVIDER_URL": provider.url,
-            "ACCESSCTL_LOG_FORMAT": "json",
-        }
-        workers = [cli.popen("worker", **env) for _ in range(2)]
-        logs = [Lines(w) for w in workers]
-        try:
+        env = _fleet_env(provider, 10)
+        with _two_workers(cli, env) as (_, logs):
             for log in logs:
                 wait_for(functools.partial(log.has, "concurrency share"), what="a worker's share")
-            filed = cli("batch", "40", *user_args(users), "--detach", **env)
-            assert filed.exit_code == 0, filed.stderr
-            batch_id = filed.stdout.strip()
-
-            def status() -> Any:
-                return cli.json("status", batch_id, "--json")
-
-            wait_for(lambda: status()["state"] == "done", timeout=90, what="the batch done")
-        finally:
-            for w in workers:
-                w.send_signal(signal.SIGTERM)
-            for w in workers:
-                w.communicate(timeout=60)
-    assert status()["recorded"] == 40
+            batch_id = _file(cli, env, 40)
+            status = _when_done(cli, batch_id)
+        calls = [(c.arrived, c.finished) for c in provider.calls]
+    assert status["recorded"] == 40
     assert len(_executors_of(cli, batch_id)) == 2
+    assert _most_at_once(calls) <= 10
     for log in logs:  # each told its part (and, stopping, maybe its whole once alone)
         told = [json.loads(line) for line in log.lines if "concurrency share" in line]
         assert (5, 10, 2) in {(t["share"], t["concurrency"], t["executors"]) for t in told}
@@ -310,6 +314,5 @@ def test_two_workers_each_take_their_half(cli: Cli, backend: str) -> None:
         prefix=f"req-{batch_id}-%",
     )
     for executor in {r[0] for r in rows}:
-        spans = [(int(r[1]), int(r[2])) for r in rows if r[0] == executor]
-        most = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
-        assert most <= 5, (executor, most)
+        spans = [(float(r[1]), float(r[2])) for r in rows if r[0] == executor]
+        assert _most_at_once(spans) <= 5, executor
