@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-NOTIFY_COALESCE_SEC = 0.5
+NOTIFY_COALESCE_SEC = 0.1
 
 
 @dataclass
@@ -138,7 +138,9 @@ def _dbos_config(settings: Settings, engine: sa.Engine, executor_id: str) -> dic
         "run_migrations": False,
         "notification_listener_polling_interval_sec": settings.poll_interval,
         # DBOS flushes its event notifications every 10 ms by default: a hundred wake-ups
-        # a second in every process, for events accessctl does not use.
+        # a second in every process, for events accessctl does not use. Not much longer
+        # either: every exit (DBOS.destroy) joins the flushing thread mid-sleep, and at
+        # 0.5 s that was a quarter of a `submit` on Postgres (BENCHMARKS.md, #17).
         "notification_coalesce_sec": NOTIFY_COALESCE_SEC,
         "max_executor_threads": max(64, settings.concurrency * 4),
         # DBOS sets its logger's level from this; keep what logs.configure_logging chose.
