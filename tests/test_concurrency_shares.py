@@ -78,10 +78,6 @@ def test_a_share_needs_other_executors_and_an_own_cap_wins(shares: None) -> None
 # --- a claim and its share ------------------------------------------------------------------
 
 
-class ClaimTaken(Exception):
-    """DBOS's claim (everything under our hook) was called."""
-
-
 @pytest.fixture
 def claim_hook(monkeypatch: pytest.MonkeyPatch, shares: None) -> Any:
     """Our claim hook, around a DBOS claim that only records that it was called."""
@@ -122,7 +118,7 @@ def test_a_process_at_its_share_takes_no_claim_turn(claim_hook: Any) -> None:
     assert claim_hook.calls == [5]
 
 
-def test_a_standby_waits_for_the_lease_check_not_the_queue_interval(claim_hook: Any) -> None:
+def test_a_standby_looks_once_a_second_and_stays_idle(claim_hook: Any) -> None:
     dbos_compat.share_concurrency(lambda: (2, 3))  # 10 slots: the first two take 5 each
     assert claim_hook(0, queue_row()) == ([], "worker_concurrency")
     assert claim_hook.calls == []
