@@ -103,6 +103,13 @@ def xacts_per_request(b: Backend, before: dict[str, int], n: int, settle: float 
     }
 
 
+def request_span(b: Backend, queue: str = common.QUEUE_NAME) -> tuple[float, float]:
+    """(first start, last end) of ``queue``'s workflows, epoch seconds (DBOS's own times)."""
+    sql = f"SELECT min(started_at_epoch_ms), max(updated_at) FROM {b.table} WHERE queue_name = :q"
+    first, last = b.rows(sql, q=queue)[0]
+    return int(first) / 1000, int(last) / 1000
+
+
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process, in seconds (0 once it is gone)."""
     try:
@@ -175,8 +182,7 @@ def workers_run(
         per_request = xacts_per_request(b, before, n, settle=1.2)
         recorded = int(b.scalar("SELECT count(*) FROM accesses") or 0)
         failed = int(b.scalar("SELECT count(*) FROM errors") or 0)
-        span = f"SELECT min(started_at_epoch_ms), max(updated_at) FROM {b.table} WHERE queue_name = :q"
-        first_start, last_end = (int(t) / 1000 for t in b.rows(span, q=common.QUEUE_NAME)[0])
+        first_start, last_end = request_span(b)
     out: dict[str, Any] = {
         "backend": kind, "workers": workers, "n": n, "env": extra_env or {}, "recorded": recorded,
         "failed": failed, "exit_codes": [f.returncode for f in finished], "wall_s": round(wall, 2),

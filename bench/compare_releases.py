@@ -37,7 +37,14 @@ from typing import Any
 import common
 import sqlalchemy as sa
 import tables
-from bench_throughput import loop_baseline, proc_cpu_s, record, workers_run, xacts_per_request
+from bench_throughput import (
+    loop_baseline,
+    proc_cpu_s,
+    record,
+    request_span,
+    workers_run,
+    xacts_per_request,
+)
 
 RAISED = 50  # the concurrency of the scaling run that raises it
 IDLE = [("postgres", "50/30"), ("postgres", "none"), ("sqlite", "50/30"), ("sqlite", "none")]
@@ -212,8 +219,7 @@ def fleet_run(n: int, workers: int, tag: str) -> dict[str, Any]:
         finally:
             for proc in procs:
                 proc.kill(signal.SIGTERM)
-        span = f"SELECT min(started_at_epoch_ms), max(updated_at) FROM {b.table} WHERE queue_name = :q"
-        first_start, last_end = (int(t) / 1000 for t in b.rows(span, q=common.QUEUE_NAME)[0])
+        first_start, last_end = request_span(b)
     wall = last_end - wall0
     out = {
         "workers": workers, "n": n, "rate": round(n / wall, 1), "steady_rate": round(n / (last_end - first_start), 1),

@@ -210,29 +210,33 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
 
 
 @contextlib.contextmanager
-def _two_workers(cli: Cli, env: dict[str, str]) -> Iterator[tuple[list[Any], list[Lines]]]:
-    """Two ``accessctl worker`` processes and their stderr; stopped (SIGTERM) at the end,
-    whichever of them is still there."""
-    workers = [cli.popen("worker", **env) for _ in range(2)]
-    logs = [Lines(w) for w in workers]
-    try:
-        yield workers, logs
-    finally:
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError):
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.communicate(timeout=60)
-
-
-def _fleet_env(provider: FakeProvider, concurrency: int) -> dict[str, str]:
-    return {
+def _two_workers(
+    cli: Cli, provider: FakeProvider, concurrency: int, ready: str
+) -> Iterator[tuple[dict[str, str], list[Any], list[Lines]]]:
+    """Two ``accessctl worker`` processes on ``provider`` at ``concurrency``, each up once
+    its stderr says ``ready``: (their environment, the processes, their stderr). Stopped
+    (SIGTERM) at the end, whichever of them is still there."""
+    if not cli.database_url.startswith("postgresql"):
+        pytest.skip("executors are counted on Postgres")
+    env = {
         "ACCESSCTL_RATE_LIMIT": "none",
         "ACCESSCTL_CONCURRENCY": str(concurrency),
         "ACCESSCTL_PROVIDER_URL": provider.url,
         "ACCESSCTL_PROVIDER_TIMEOUT": "2",
         "ACCESSCTL_LOG_FORMAT": "json",
     }
+    workers = [cli.popen("worker", **env) for _ in range(2)]
+    logs = [Lines(w) for w in workers]
+    try:
+        for log in logs:
+            wait_for(functools.partial(log.has, ready), what=f"a worker's {ready!r}")
+        yield env, workers, logs
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.communicate(timeout=60)
 
 
 def _file(cli: Cli, env: dict[str, str], n: int) -> str:
@@ -251,19 +255,12 @@ def _when_done(cli: Cli, batch_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_standby_worker_takes_over_when_the_one_with_the_share_dies(
-    cli: Cli, backend: str
-) -> None:
+def test_a_standby_worker_takes_over_when_the_one_with_the_share_dies(cli: Cli) -> None:
     """Concurrency 4 is too little to split: of two workers, one takes it all and the
     other stands by (and says so). Killing the first (-9) hands the work to the second:
     every request recorded once, never more than 4 calls at once."""
-    if backend != "postgres":
-        pytest.skip("executors are counted on Postgres")
     with FakeProvider(delay=0.3) as provider:
-        env = _fleet_env(provider, 4)
-        with _two_workers(cli, env) as (workers, logs):
-            for log in logs:
-                wait_for(functools.partial(log.has, "worker started"), what="a worker up")
+        with _two_workers(cli, provider, 4, "worker started") as (env, workers, logs):
             batch_id = _file(cli, env, 24)
             done = functools.partial(_executors_of, cli, batch_id)
             wait_for(lambda: len(done()) >= 1, what="the first requests done")
@@ -283,16 +280,11 @@ def test_a_standby_worker_takes_over_when_the_one_with_the_share_dies(
 
 
 @pytest.mark.slow
-def test_two_workers_each_take_their_half(cli: Cli, backend: str) -> None:
+def test_two_workers_each_take_their_half(cli: Cli) -> None:
     """Concurrency 10 splits into two parts of 5: both workers run requests, neither more
     than 5 at once, and the provider never sees more than 10."""
-    if backend != "postgres":
-        pytest.skip("executors are counted on Postgres")
     with FakeProvider(delay=0.3) as provider:
-        env = _fleet_env(provider, 10)
-        with _two_workers(cli, env) as (_, logs):
-            for log in logs:
-                wait_for(functools.partial(log.has, "concurrency share"), what="a worker's share")
+        with _two_workers(cli, provider, 10, "concurrency share") as (env, _, logs):
             batch_id = _file(cli, env, 40)
             status = _when_done(cli, batch_id)
         calls = [(c.arrived, c.finished) for c in provider.calls]

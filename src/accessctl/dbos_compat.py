@@ -522,6 +522,7 @@ def pace_dbos_loops() -> None:
         from accessctl.pacing import pacer
 
         cap, sharing = process_share(queue)
+        standby = bool(sharing) and cap == 0  # no part while the others hold it all
         if cap is not None and queue._worker_concurrency is not None:
             # DBOS's queue row holds one per-process limit for every process; this
             # process's own cap or part applies to its claims only.
@@ -553,7 +554,7 @@ def pace_dbos_loops() -> None:
             opens_in = window_opens_in(self, queue)
             if opens_in > 0:
                 paced.hold(queue.name, opens_in + 0.002)
-        elif reason is not None and not (sharing and cap == 0):
+        elif reason is not None and not standby:
             paced.activity()  # a full concurrency limit: work is waiting
         if (
             reason == "concurrency"
@@ -572,10 +573,10 @@ def pace_dbos_loops() -> None:
             paced.hold(queue.name, pause, until_freed=True)
         else:
             full_pause.pop(queue.name, None)
-        if sharing and cap == 0:
-            # No part while other executors hold the whole concurrency: nothing here
-            # changes that but one of them leaving, which the next look's executor count
-            # sees. Meanwhile this process is as idle as one with nothing queued.
+        if standby:
+            # Nothing here changes that but one of the others leaving, which the next
+            # look's executor count sees. Meanwhile this process is as idle as one with
+            # nothing queued.
             paced.hold(queue.name, STANDBY_SEC)
         return claimed, reason
 
