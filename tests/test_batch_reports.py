@@ -177,6 +177,14 @@ def test_interrupted_means_its_process_died(cli: Cli) -> None:
         timeout=60,
         what="the run to start",
     )
+    # Its requests can be claimed before its follower: this test is about the follower's
+    # process dying, so it waits until the follower runs (on a loaded machine, seen not to).
+    wait_for(
+        lambda: dbos_count(cli, "workflow_uuid = :w AND status = 'PENDING'", w=f"batch-{batch_id}")
+        == 1,
+        timeout=60,
+        what="the follower to run",
+    )
     assert state_of(cli, batch_id)["state"] == "running"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
