@@ -194,6 +194,73 @@ def test_interrupted_means_its_process_died(cli: Cli) -> None:
     assert state_of(cli, batch_id)["state"] == "done"
 
 
+def test_a_run_that_died_before_its_follower_was_claimed_is_interrupted(cli: Cli) -> None:
+    """A run's requests can be claimed before its follower: killed in between, its batch
+    has rows and an unclaimed follower. With no executor alive it is interrupted (nobody
+    runs it); once a worker holds its lease, running; the worker then finishes it."""
+    import sqlalchemy as sa
+
+    from accessctl.lease import any_executor_alive
+    from accessctl.models import Access, AccessStatus, utcnow
+
+    users = cli.add_users(1)
+    filed = cli.json("batch", "3", *user_args(users), "--detach", "--json")
+    batch_id = filed["batch_id"]
+    assert state_of(cli, batch_id)["state"] == "queued"
+    # What the dead run left: one request claimed under its executor ID and recorded,
+    # the follower and the other requests still queued.
+    dead = "deadhost-1-0000"
+    engine = cli.engine()
+    try:
+        with engine.begin() as conn:
+            request = conn.execute(
+                sa.text(
+                    f"SELECT workflow_uuid FROM {cli.workflow_table} WHERE queue_name = "
+                    "'access-requests' ORDER BY workflow_uuid LIMIT 1"
+                )
+            ).scalar_one()
+            conn.execute(
+                sa.text(
+                    f"UPDATE {cli.workflow_table} SET status = 'PENDING', executor_id = :e "
+                    "WHERE workflow_uuid = :w"
+                ),
+                {"e": dead, "w": request},
+            )
+            conn.execute(
+                sa.insert(Access).values(
+                    id=uuid.uuid4(),
+                    user_id=uuid.UUID(users[0]),
+                    status=AccessStatus.REQUESTED,
+                    request_id=request,
+                    batch_id=uuid.UUID(batch_id),
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        assert dbos_count(cli, "workflow_uuid = :w AND status = 'ENQUEUED'", w=f"batch-{batch_id}")
+        assert not any_executor_alive(engine)
+        assert state_of(cli, batch_id)["state"] == "interrupted"
+        worker = cli.popen("worker")
+        try:
+            wait_for(lambda: any_executor_alive(engine), timeout=60, what="the worker's lease")
+            # One command per look: the state moves on while the worker runs.
+            assert cli.json("status", batch_id, "--json")["state"] in ("running", "done")
+            wait_for(
+                lambda: cli.json("status", batch_id, "--json")["state"] == "done",
+                timeout=60,
+                what="the worker to finish the batch",
+            )
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.communicate(timeout=60)
+        assert not any_executor_alive(engine)
+    finally:
+        engine.dispose()
+    report = state_of(cli, batch_id)
+    assert (report["recorded"], report["failed"]) == (3, 0)
+    assert cli.scalar("SELECT count(*) FROM accesses") == 3
+
+
 def test_cancel_refuses_an_unknown_batch(cli: Cli) -> None:
     result = cli("cancel", str(uuid.uuid4()))
     assert result.exit_code == 2 and "no batch" in result.stderr

@@ -316,6 +316,20 @@ def _state(**overrides: object) -> BatchState:
             {"follower_status": "ENQUEUED", "follower_alive": None, "started": True},
             BatchState.RUNNING,
         ),
+        (
+            {"follower_status": "ENQUEUED", "started": True, "anyone_executing": True},
+            BatchState.RUNNING,
+        ),
+        # ... and the run that started them died before its follower was claimed, with
+        # no executor left alive: interrupted. Not started, it is merely queued.
+        (
+            {"follower_status": "ENQUEUED", "started": True, "anyone_executing": False},
+            BatchState.INTERRUPTED,
+        ),
+        (
+            {"follower_status": "ENQUEUED", "started": False, "anyone_executing": False},
+            BatchState.QUEUED,
+        ),
         # The follower runs: on a live executor, or one that died.
         ({"follower_status": "PENDING", "follower_alive": True}, BatchState.RUNNING),
         ({"follower_status": "PENDING", "follower_alive": False}, BatchState.INTERRUPTED),

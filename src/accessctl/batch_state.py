@@ -3,7 +3,8 @@ code of an attached run share.
 
     queued       filed; nobody has started on it yet (a detached batch before any worker)
     running      a live process follows it and its requests are being worked
-    interrupted  the process following it died; the next run or any worker resumes it
+    interrupted  the process running it died (its follower, or requests it had started
+                 with no executor left alive); the next run or any worker resumes it
     cancelling   `accessctl cancel` stopped it; requests already in flight are finishing
     done         every request has its row (recorded or failed): nothing more will happen
     cancelled    stopped by `accessctl cancel`; every request has its row (the ones that
@@ -63,6 +64,7 @@ def batch_state(
     follower_alive: bool | None,
     requests_in_flight: bool,
     started: bool = False,
+    anyone_executing: bool | None = None,
 ) -> BatchState:
     """The state of one batch.
 
@@ -72,7 +74,10 @@ def batch_state(
     ``follower_alive``: whether the executor running that workflow holds its lease;
     ``requests_in_flight``: any of its request workflows queued, delayed or running;
     ``started``: any of its requests has its row (its requests can start before the
-    follower is claimed: then it is running, not queued)."""
+    follower is claimed: then it is running, not queued); ``anyone_executing``: whether
+    any executing process holds its lease (None: not known). A batch started but not yet
+    followed, with no executor alive, was left by a run that died before its follower
+    was claimed: interrupted, not running."""
     if stored is not None:
         return BatchState(stored)
     if complete:
@@ -80,7 +85,9 @@ def batch_state(
     if cancelled:
         return BatchState.CANCELLING
     if follower_status in WORKFLOW_WAITING:
-        return BatchState.RUNNING if started else BatchState.QUEUED
+        if not started:
+            return BatchState.QUEUED
+        return BatchState.INTERRUPTED if anyone_executing is False else BatchState.RUNNING
     if follower_status == Status.PENDING.value:
         return BatchState.RUNNING if follower_alive else BatchState.INTERRUPTED
     if follower_status is None or follower_status in WORKFLOW_ENDED:

@@ -405,6 +405,24 @@ class AdvisoryLease(Lease):
             self._held_others.clear()
 
 
+def any_executor_alive(engine: sa.Engine) -> bool:
+    """Whether any executing process holds its lease on this database now (read-only:
+    nothing is taken or adopted). Postgres: an executor's presence lock; SQLite: a held
+    ``flock`` among the lease files."""
+    import sqlalchemy as sa
+
+    if is_sqlite_url(engine.url.render_as_string(hide_password=False)):
+        probe = FileLease(engine, "accessctl-reader")
+        if not probe.directory.is_dir():
+            return False
+        return any(not probe.is_free(path.stem) for path in probe.directory.glob("*.lease"))
+    with engine.connect() as conn:
+        held = conn.execute(
+            sa.text(f"SELECT count(*) FROM pg_locks WHERE {PostgresBackend.PRESENCE_LOCK}")
+        ).scalar()
+    return bool(held)
+
+
 def make_lease(engine: sa.Engine, executor_id: str) -> Lease:
     url = engine.url.render_as_string(hide_password=False)
     return (

@@ -5,6 +5,7 @@ Every filter and sort here rides an index (see models.py).
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -124,7 +125,8 @@ def list_batches(
 ) -> list[dict[str, Any]]:
     """Recent batches (or just ``only``), newest first, with outcome counts and state
     (batch_state.py). A batch that ended reports the outcome stored with it."""
-    from accessctl.batch_state import WORKFLOW_IN_FLIGHT, batch_state
+    from accessctl.batch_state import WORKFLOW_IN_FLIGHT, WORKFLOW_WAITING, batch_state
+    from accessctl.lease import any_executor_alive
     from accessctl.workflows import batch_workflow_id, requests_in_flight
 
     if limit < 1:
@@ -176,6 +178,8 @@ def list_batches(
     alive = _executors_alive(
         engine, {str(e) for s, e in workflows.values() if s == "PENDING" and e is not None}
     )
+    # Asked once, and only where it decides: a batch started but not yet followed.
+    anyone_executing = functools.cache(lambda: any_executor_alive(engine))
     result = []
     for b in batches:
         if b.state is not None:
@@ -199,6 +203,11 @@ def list_batches(
                 and requests_in_flight(engine, str(b.id)) > 0
             ),
             started=sum(counts) > 0,
+            anyone_executing=(
+                anyone_executing()
+                if b.state is None and status in WORKFLOW_WAITING and sum(counts) > 0
+                else None
+            ),
         )
         result.append(
             {
