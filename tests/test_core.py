@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,17 @@ def test_config_shows_sources_and_hides_password(isolated_environment: Path) -> 
     assert view["database_url"] == "postgresql+psycopg://app:***@db.example:5432/access"
     assert view["rate_limit"] == "7/3"
     assert view["sources"]["rate_limit"] == "ACCESSCTL_RATE_LIMIT"
+    assert view["worker_concurrency"] is None and view["metrics_file"] is None
+    # The table says "none" for what is unset, and lists a list's items.
+    users = [str(uuid.UUID(int=7)), str(uuid.UUID(int=8))]
+    table = tool("config", ACCESSCTL_DEFAULT_USERS=",".join(users), COLUMNS="80")
+    assert table.exit_code == 0, table.stderr
+    lines = [line for line in table.stdout.splitlines()[3:] if line[:1].isalpha()]
+    rows = {line.split()[0]: line.split(None, 1)[1].rstrip() for line in lines}
+    assert rows["worker_concurrency"] == "none  (default)"
+    assert rows["metrics_file"] == "none  (default)"
+    assert " ".join(table.stdout.split()).count(f"{users[0]}, {users[1]}") == 1
+    assert "None" not in table.stdout and "[" not in table.stdout
 
 
 def test_installed_command_in_a_subprocess(cli: Cli) -> None:

@@ -85,8 +85,19 @@ def config(ctx: typer.Context, as_json: JsonOption = False) -> None:
     else:
         sources = view.pop("sources")
         print_mapping(
-            "configuration", {k: f"{v}  ({sources.get(k, 'default')})" for k, v in view.items()}
+            "configuration",
+            {k: f"{_shown(v)}  ({sources.get(k, 'default')})" for k, v in view.items()},
         )
+
+
+def _shown(value: object) -> str:
+    """A setting as the table shows it: unset is "none" (as in `limit set none`), a list
+    its items (JSON keeps null and lists)."""
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
 
 
 @command(epilog="Example: accessctl batches --limit 10 -o jsonl")
