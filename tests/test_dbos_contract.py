@@ -314,3 +314,106 @@ def test_bulk_rows_equal_dbos_enqueued_rows(cli: Cli) -> None:
     finally:
         client.destroy()
         engine.dispose()
+
+
+def test_the_one_statement_claim_equals_dbos_claim(cli: Cli) -> None:
+    """The same queued workflows, claimed by DBOS's ``start_queued_workflows`` and by
+    ``claim_once``: the same ones (in the same order), every column of their rows alike
+    except those that name the call or the queue, the statuses DBOS would read back, and
+    the same answer once the queue-wide or this process's concurrency is full."""
+    import inspect
+
+    from dbos._sys_db import SystemDatabase
+
+    from accessctl.runtime import filing_client
+    from accessctl.settings import resolve_settings
+    from accessctl.workflows import WORKFLOW_VERSION
+
+    if cli.database_url.startswith("sqlite"):
+        pytest.skip("the one-statement claim is for Postgres; SQLite keeps DBOS's claim")
+    dbos_compat.serialize_postgres_claims()
+    dbos_compat.claim_in_one_statement()
+    dbos_claim: Any = inspect.unwrap(SystemDatabase.start_queued_workflows)
+    dbos_statuses: Any = inspect.unwrap(SystemDatabase.get_workflow_statuses)
+    settings = resolve_settings({"database_url": cli.database_url})
+    engine = cli.engine()
+    client = filing_client(settings, engine)
+    sys_db: Any = client._sys_db
+    try:
+        ids: dict[str, list[str]] = {}
+        for name in ("parity-dbos", "parity-ours"):
+            client.register_queue(name, global_concurrency=3, worker_concurrency=3)
+            ids[name] = [f"{name}-{i}" for i in range(5)]
+            for workflow_id in ids[name]:
+                with engine.begin() as conn:
+                    client.enqueue_in_transaction(
+                        conn,
+                        {
+                            "queue_name": name,
+                            "workflow_name": "accessctl.file_request",
+                            "workflow_id": workflow_id,
+                            "app_version": WORKFLOW_VERSION,
+                        },
+                        str(uuid.uuid4()),
+                        SEED[0],
+                    )
+        dbos_queue, our_queue = sys_db.get_queue("parity-dbos"), sys_db.get_queue("parity-ours")
+
+        def theirs(local: int) -> tuple[list[str], str | None]:
+            claimed: tuple[list[str], str | None] = dbos_claim(
+                sys_db, dbos_queue, "executor-1", WORKFLOW_VERSION, None, local,
+                owner_xid="xid-dbos", is_latest_version=True,
+            )  # fmt: skip
+            return claimed
+
+        def ours(local: int) -> tuple[list[str], str | None] | None:
+            return dbos_compat.claim_once(
+                sys_db, our_queue, "executor-1", WORKFLOW_VERSION, local,
+                owner_xid="xid-ours", is_latest_version=True,
+            )  # fmt: skip
+
+        before = dbos_compat.one_statement_claims
+        taken_by_dbos, taken_here = theirs(0), ours(0)
+        assert dbos_compat.one_statement_claims == before + 1
+        assert taken_by_dbos == (ids["parity-dbos"][:3], None)
+        assert taken_here == (ids["parity-ours"][:3], None)
+        # What the claim returned is what DBOS reads back, and DBOS's read-back (hooked)
+        # is served from it once.
+        read_back = dbos_statuses(sys_db, taken_here[0])
+        assert SystemDatabase.get_workflow_statuses(sys_db, taken_here[0]) == read_back
+        call_specific = {
+            "workflow_uuid", "queue_name", "owner_xid", "created_at", "updated_at",
+            "started_at_epoch_ms", "creator_xid",
+        }  # fmt: skip
+        theirs_rows = _rows(engine, "workflow_status", ids["parity-dbos"])
+        our_rows = _rows(engine, "workflow_status", ids["parity-ours"])
+        for a, b in zip(theirs_rows, our_rows, strict=True):
+            for column in sorted(set(a) - call_specific):
+                assert a[column] == b[column], column
+        assert {r["owner_xid"] for r in our_rows[:3]} == {"xid-ours"}
+        for row in our_rows[:3]:  # the database's clock, as DBOS stamps it
+            assert row["started_at_epoch_ms"] == row["updated_at"] > 0
+        # The queue-wide concurrency is full: nothing claimed, and that is the reason.
+        assert theirs(0) == ours(0) == ([], "concurrency")
+        # One ends: one slot, and this process's own limit binds as DBOS's does.
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"UPDATE {cli.workflow_table} SET status = 'SUCCESS' "
+                    "WHERE workflow_uuid IN (:a, :b)"
+                ),
+                {"a": ids["parity-dbos"][0], "b": ids["parity-ours"][0]},
+            )
+        assert theirs(3) == ours(3) == ([], "worker_concurrency")
+        assert theirs(2) == (ids["parity-dbos"][3:4], None)
+        assert ours(2) == (ids["parity-ours"][3:4], None)
+        # Where it does not apply, it says so, and DBOS's claim runs.
+        limited = SimpleNamespace(**{**vars(our_queue), "_limiter": {"limit": 5, "period": 1.0}})
+        limited._has_partition_limits = lambda: False
+        assert dbos_compat.claim_once(
+            sys_db, limited, "executor-1", WORKFLOW_VERSION, 0,
+            owner_xid="x", is_latest_version=True,
+        ) is None  # fmt: skip
+    finally:
+        client.destroy()
+        engine.dispose()

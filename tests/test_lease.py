@@ -173,12 +173,15 @@ def test_dequeue_gate_claims_nothing_while_fenced(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(SystemDatabase, "start_queued_workflows", claim)
     gate_dequeue_on_lease()
     gate_dequeue_on_lease()  # idempotent: one gate, not two
+    # DBOS's signature; a partition key, so that the one-statement claim under the gate
+    # (claim_in_one_statement) hands the claim to the stub as DBOS's own.
+    args = ("q", "executor", "version", "partition")
     monkeypatch.setattr(lease_mod, "_process_lease", FixedLease(False))
-    assert SystemDatabase.start_queued_workflows(object(), "q", "e") == ([], None)  # type: ignore[arg-type, call-arg]
+    assert SystemDatabase.start_queued_workflows(object(), *args) == ([], None)  # type: ignore[arg-type]
     assert claims == []
     monkeypatch.setattr(lease_mod, "_process_lease", FixedLease(True))
-    assert SystemDatabase.start_queued_workflows(object(), "q", "e") == (["wf-1"], None)  # type: ignore[arg-type, call-arg]
-    assert claims == [("q", "e")]
+    assert SystemDatabase.start_queued_workflows(object(), *args) == (["wf-1"], None)  # type: ignore[arg-type]
+    assert claims == [(*args, 0, 0)]
 
 
 def test_dequeue_gate_wraps_the_method_dbos_claims_with() -> None:

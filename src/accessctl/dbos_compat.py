@@ -67,6 +67,15 @@ claim turns            DBOS claims in REPEATABLE READ with NOWAIT  test_dbos_con
 postgres_claims``)     DBOS doubles the interval after a failure,  serialized_begin; test_faults
                        so more workers were slower. Claims take    .py (3 processes, one limit)
                        turns behind an advisory lock instead.
+one-statement claim    DBOS's claim is six round trips, and its    test_dbos_contract.py::
+(``claim_once``,       queue thread then reads the claimed rows    test_the_one_statement_claim_
+``claim_in_one_        back in three more, serially, while their   equals_dbos_claim; test_faults
+statement``)           slots are taken and nothing runs. On        .py, test_concurrency_shares
+                       Postgres, with a queue-wide concurrency     .py (real workers, one limit)
+                       and no limiter, the count, the select and
+                       the update are one statement that returns
+                       the statuses, and the read-back is served
+                       from it.
 process share          DBOS's per-process limit lives in the       test_faults.py::test_three_
 (``cap_process_        queue's row, shared by every process; an    workers_share_one_global_
 concurrency``,         operator's cap for one host                 limit; test_faults.py::test_
@@ -96,6 +105,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -335,6 +345,7 @@ def gate_dequeue(allowed: Callable[[], bool]) -> None:
     inside ``DBOS.launch``; patching twice installs one gate."""
     from dbos._sys_db import SystemDatabase
 
+    claim_in_one_statement()  # innermost: the gate wraps it
     original: Any = getattr(SystemDatabase, "start_queued_workflows", None)
     if not callable(original):
         raise ConfigError(
@@ -377,6 +388,316 @@ def requeue_for_adoption(workflow_id: str, executor_id: str) -> None:
     _recover_workflow(
         _get_dbos_instance(), GetPendingWorkflowsOutput(workflow_id=workflow_id), [executor_id]
     )
+
+
+# --- the claim in one statement ---------------------------------------------------------
+
+
+def claim_in_one_statement() -> None:
+    """Route DBOS's queue claims through ``claim_once`` where it applies (Postgres, a
+    queue-wide concurrency, no rate limiter), and serve DBOS's read-back of what a claim
+    just took from that claim. Installed before the lease gate and the pacer's hooks,
+    which wrap it; installing twice installs once."""
+    from dbos._sys_db import SystemDatabase
+
+    for attribute in ("start_queued_workflows", "get_workflow_statuses", "_now_ms_sql"):
+        if not callable(getattr(SystemDatabase, attribute, None)):
+            raise ConfigError(
+                f"DBOS {installed_dbos_version()} has no SystemDatabase.{attribute}; "
+                "accessctl cannot claim on it (see dbos_compat.py)"
+            )
+    dbos_claim: Any = SystemDatabase.start_queued_workflows
+    if getattr(dbos_claim, "_accessctl_one_statement", False):
+        return
+    dbos_statuses: Any = SystemDatabase.get_workflow_statuses
+
+    @functools.wraps(dbos_claim)
+    def one_statement_claim(
+        self: Any,
+        queue: Any,
+        executor_id: str,
+        app_version: str,
+        queue_partition_key: str | None,
+        local_running_count: int = 0,
+        partition_local_running_count: int = 0,
+        *,
+        owner_xid: str | None = None,
+        is_latest_version: bool | None = None,
+    ) -> Any:
+        if queue_partition_key is None:
+            claimed = claim_once(
+                self,
+                queue,
+                executor_id,
+                app_version,
+                local_running_count,
+                owner_xid=owner_xid,
+                is_latest_version=is_latest_version,
+            )
+            if claimed is not None:
+                return claimed
+        return dbos_claim(
+            self,
+            queue,
+            executor_id,
+            app_version,
+            queue_partition_key,
+            local_running_count,
+            partition_local_running_count,
+            owner_xid=owner_xid,
+            is_latest_version=is_latest_version,
+        )
+
+    @functools.wraps(dbos_statuses)
+    def statuses_claimed_here(self: Any, workflow_ids: list[str]) -> Any:
+        # DBOS's queue thread reads back what it has just claimed, in the same thread:
+        # served from the claim, once.
+        claimed: dict[str, Any] = getattr(_claimed_here, "statuses", {})
+        if workflow_ids and all(w in claimed for w in workflow_ids):
+            _claimed_here.statuses = {}
+            return [claimed[w] for w in workflow_ids]
+        return dbos_statuses(self, workflow_ids)
+
+    one_statement_claim._accessctl_one_statement = True  # type: ignore[attr-defined]
+    SystemDatabase.start_queued_workflows = one_statement_claim  # type: ignore[method-assign]
+    if not getattr(dbos_statuses, "_accessctl_read_back", False):
+        statuses_claimed_here._accessctl_read_back = True  # type: ignore[attr-defined]
+        SystemDatabase.get_workflow_statuses = statuses_claimed_here  # type: ignore[method-assign]
+
+
+# Claims made in one statement in this process (the contract test reads it).
+one_statement_claims = 0
+# The statuses this thread's last one-statement claim returned, until DBOS's queue thread
+# reads them back (right after the claim, in the same thread).
+_claimed_here = threading.local()
+# The claim statement, built once per DBOS system database.
+_claim_statements: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def claim_once(
+    sys_db: Any,
+    queue: Any,
+    executor_id: str,
+    app_version: str,
+    local_running_count: int,
+    *,
+    owner_xid: str | None,
+    is_latest_version: bool | None,
+) -> tuple[list[str], str | None] | None:
+    """Claim ``queue``'s next workflows as DBOS's ``start_queued_workflows`` does, in one
+    statement that also returns their statuses; None where it does not apply (SQLite, a
+    sharded database, a rate limiter, partitions, no queue-wide concurrency, claims not
+    taking turns), and DBOS's own claim runs.
+
+    DBOS 3.4's claim is six round trips (the begin, the claim turn's lock, the count of
+    running workflows, the select, the update, the commit) and its queue thread then
+    reads the claimed rows back in a transaction of three more, one after the other in
+    the queue's one thread, while the claimed requests hold their slots and nothing runs
+    (BENCHMARKS.md, #17). Here, after the claim turn's lock, the count, the select and the
+    update are one statement; the claim turn keeps the count exact across processes, as
+    it does for DBOS's claim (``serialize_postgres_claims``)."""
+    from dbos._sys_db_postgres import PostgresSystemDatabase
+
+    if (
+        sys_db.engine.dialect.name != "postgresql"
+        or not getattr(PostgresSystemDatabase._begin, "_accessctl_serialized", False)
+        or sys_db.sharded
+        or queue._has_partition_limits()
+        or queue._limiter is not None
+        or queue._concurrency is None
+        or is_latest_version is None
+    ):
+        return None
+    concurrency = int(queue._concurrency)
+    room = concurrency
+    if queue._worker_concurrency is not None:
+        room = min(room, int(queue._worker_concurrency) - int(local_running_count))
+        if room <= 0:
+            return [], "worker_concurrency"
+    params = {
+        "queue": queue.name,
+        "room": room,
+        "concurrency": concurrency,
+        "version": app_version,
+        "any_version": bool(is_latest_version),
+        "owner_xid": owner_xid,
+        "executor_id": executor_id,
+        "start_ms": int(time.time() * 1000),
+    }
+    global one_statement_claims
+    one_statement_claims += 1
+    with sys_db._begin(None) as conn:  # the claim turn (serialize_postgres_claims)
+        rows = conn.execute(_claim_statement(sys_db), params).all()
+    running = int(rows[0].running) if rows else 0
+    claimed = sorted(
+        (r for r in rows if r.workflow_uuid is not None),
+        key=lambda r: (r.priority, r.created_at, r.workflow_uuid),
+    )
+    _claimed_here.statuses = {row.workflow_uuid: _status_of(row) for row in claimed}
+    if not claimed and running >= concurrency:
+        return [], "concurrency"
+    return [row.workflow_uuid for row in claimed], None
+
+
+def _status_of(row: Any) -> dict[str, Any]:
+    """DBOS's ``WorkflowStatusInternal`` for a claimed row, as its read-back builds it."""
+    m = row._mapping
+    return {
+        "workflow_uuid": m["workflow_uuid"],
+        "status": m["status"],
+        "name": m["name"],
+        "recovery_attempts": m["recovery_attempts"],
+        "config_name": m["config_name"],
+        "class_name": m["class_name"],
+        "authenticated_user": m["authenticated_user"],
+        "authenticated_roles": m["authenticated_roles"],
+        "assumed_role": m["assumed_role"],
+        "queue_name": m["queue_name"],
+        "executor_id": m["executor_id"],
+        "created_at": m["created_at"],
+        "updated_at": m["updated_at"],
+        "app_version": m["application_version"],
+        "app_id": m["application_id"],
+        "workflow_deadline_epoch_ms": m["workflow_deadline_epoch_ms"],
+        "workflow_timeout_ms": m["workflow_timeout_ms"],
+        "deduplication_id": m["deduplication_id"],
+        "priority": m["priority"],
+        "inputs": m["inputs"],
+        "queue_partition_key": m["queue_partition_key"],
+        "forked_from": m["forked_from"],
+        "parent_workflow_id": m["parent_workflow_id"],
+        "started_at_epoch_ms": m["started_at_epoch_ms"],
+        "serialization": m["serialization"],
+        "delay_until_epoch_ms": m["delay_until_epoch_ms"],
+        "attributes": m["attributes"],
+        "schedule_name": m["schedule_name"],
+        "debounce_deadline_epoch_ms": m["debounce_deadline_epoch_ms"],
+        "is_debounced": bool(m["is_debounced"]),
+        "application_name": m["application_name"],
+        "shard_key": None,
+    }
+
+
+# DBOS's cap on a deadline computed from a timeout (``_MAX_BIGINT`` in its claim).
+_MAX_BIGINT = 2**63 - 1
+
+
+def _claim_statement(sys_db: Any) -> Any:
+    """The one-statement claim for ``sys_db``'s tables: how many of the queue's workflows
+    run now (every process's), then the next ``LEAST(room, concurrency - running)``
+    queued ones, locked, then marked PENDING as DBOS's claim marks them; one row per
+    claimed workflow with its status and inputs, or one row with only ``running``."""
+    built = _claim_statements.get(sys_db)
+    if built is not None:
+        return built
+    import sqlalchemy as sa
+    from dbos import WorkflowStatusString
+
+    ws = sys_db.tables.workflow_status
+    wi = sys_db.tables.workflow_input
+    enqueued = WorkflowStatusString.ENQUEUED.value
+    pending = WorkflowStatusString.PENDING.value
+    mine = sys_db._name_filter
+    queue = sa.bindparam("queue", type_=sa.Text)
+    running = (
+        sa.select(sa.func.count().label("n"))
+        .select_from(ws)
+        .where(sys_db._queue_pending_filter(queue))
+        .cte("running")
+    )
+    version = sa.bindparam("version", type_=sa.Text)
+    picked = (
+        sa.select(ws.c.workflow_uuid)
+        .where(ws.c.queue_name == queue)
+        .where(ws.c.status == enqueued)
+        .where(
+            sa.or_(
+                ws.c.application_version == version,
+                sa.and_(
+                    sa.bindparam("any_version", type_=sa.Boolean),
+                    ws.c.application_version.is_(None),
+                ),
+            )
+        )
+        .where(mine(ws.c.application_name, sys_db.app_name))
+        .order_by(ws.c.priority.asc(), ws.c.created_at.asc())
+        .limit(
+            sa.func.greatest(
+                0,
+                sa.func.least(
+                    sa.bindparam("room", type_=sa.Integer),
+                    sa.bindparam("concurrency", type_=sa.Integer)
+                    - sa.select(running.c.n).scalar_subquery(),
+                ),
+            )
+        )
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    start_ms = sa.bindparam("start_ms", type_=sa.BigInteger)
+    now_ms = sys_db._now_ms_sql()
+    claimed = (
+        ws.update()
+        # By primary key, from an array: a join with ``picked`` let the planner scan every
+        # queued row (its estimate of them lags a batch just filed), 10 ms for 3,000.
+        .where(
+            ws.c.workflow_uuid
+            == sa.any_(sa.func.array(sa.select(picked.c.workflow_uuid).scalar_subquery()))
+        )
+        # No recheck of the status and owner, which DBOS's update makes after its select:
+        # here the select locked these rows in this statement, and nothing changed them.
+        .values(
+            status=pending,
+            owner_xid=sa.bindparam("owner_xid", type_=sa.Text),
+            application_version=version,
+            executor_id=sa.bindparam("executor_id", type_=sa.Text),
+            application_name=sys_db.app_name,
+            started_at_epoch_ms=now_ms,
+            rate_limited=False,
+            recovery_attempts=ws.c.recovery_attempts + 1,
+            updated_at=now_ms,
+            workflow_deadline_epoch_ms=sa.case(
+                (
+                    sa.and_(
+                        ws.c.workflow_timeout_ms.isnot(None),
+                        ws.c.workflow_deadline_epoch_ms.is_(None),
+                    ),
+                    sa.case(
+                        (ws.c.workflow_timeout_ms > _MAX_BIGINT - start_ms, _MAX_BIGINT),
+                        else_=start_ms + ws.c.workflow_timeout_ms,
+                    ),
+                ),
+                else_=ws.c.workflow_deadline_epoch_ms,
+            ),
+        )
+        .returning(
+            *(
+                ws.c[name]
+                for name in (
+                    "workflow_uuid", "status", "name", "recovery_attempts", "config_name",
+                    "class_name", "authenticated_user", "authenticated_roles", "assumed_role",
+                    "queue_name", "executor_id", "created_at", "updated_at",
+                    "application_version", "application_id", "workflow_deadline_epoch_ms",
+                    "workflow_timeout_ms", "deduplication_id", "priority",
+                    "queue_partition_key", "forked_from", "parent_workflow_id",
+                    "started_at_epoch_ms", "serialization", "delay_until_epoch_ms",
+                    "attributes", "schedule_name", "debounce_deadline_epoch_ms",
+                    "is_debounced", "application_name",
+                )
+            ),
+            sa.func.coalesce(
+                sa.select(wi.c.inputs).where(wi.c.workflow_uuid == ws.c.workflow_uuid)
+                .scalar_subquery(),
+                ws.c.inputs,
+            ).label("inputs"),
+        )
+        .cte("claimed")
+    )
+    built = sa.select(
+        sa.select(running.c.n).scalar_subquery().label("running"), claimed
+    ).select_from(sa.select(sa.literal(1).label("one")).subquery("one").outerjoin(claimed, sa.true()))
+    _claim_statements[sys_db] = built
+    return built
 
 
 # --- pacing ---------------------------------------------------------------------------------
@@ -469,6 +790,7 @@ def pace_dbos_loops() -> None:
             )
     if getattr(_queue.queue_worker_thread, "_accessctl_paced", False):
         return
+    claim_in_one_statement()  # innermost: the pacer's hook wraps it
 
     worker_thread: Any = _queue.queue_worker_thread
     manager_thread: Any = _dbos.queue_thread  # type: ignore[attr-defined]
