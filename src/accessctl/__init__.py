@@ -1,3 +1,3 @@
 """accessctl: durable, rate-limited access requests from the command line."""
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
