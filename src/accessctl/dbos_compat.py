@@ -539,43 +539,32 @@ def claim_once(
     return [row.workflow_uuid for row in claimed], None
 
 
+# DBOS's ``WorkflowStatusInternal`` keys and the ``workflow_status`` columns its read-back
+# (``get_workflow_statuses``) fills them from; ``inputs`` also reads ``workflow_input``.
+_STATUS_COLUMNS = {
+    **{
+        key: key
+        for key in (
+            "workflow_uuid", "status", "name", "recovery_attempts", "config_name",
+            "class_name", "authenticated_user", "authenticated_roles", "assumed_role",
+            "queue_name", "executor_id", "created_at", "updated_at",
+            "workflow_deadline_epoch_ms", "workflow_timeout_ms", "deduplication_id",
+            "priority", "queue_partition_key", "forked_from", "parent_workflow_id",
+            "started_at_epoch_ms", "serialization", "delay_until_epoch_ms", "attributes",
+            "schedule_name", "debounce_deadline_epoch_ms", "is_debounced", "application_name",
+        )
+    },
+    "app_version": "application_version",
+    "app_id": "application_id",
+}  # fmt: skip
+
+
 def _status_of(row: Any) -> dict[str, Any]:
     """DBOS's ``WorkflowStatusInternal`` for a claimed row, as its read-back builds it."""
     m = row._mapping
-    return {
-        "workflow_uuid": m["workflow_uuid"],
-        "status": m["status"],
-        "name": m["name"],
-        "recovery_attempts": m["recovery_attempts"],
-        "config_name": m["config_name"],
-        "class_name": m["class_name"],
-        "authenticated_user": m["authenticated_user"],
-        "authenticated_roles": m["authenticated_roles"],
-        "assumed_role": m["assumed_role"],
-        "queue_name": m["queue_name"],
-        "executor_id": m["executor_id"],
-        "created_at": m["created_at"],
-        "updated_at": m["updated_at"],
-        "app_version": m["application_version"],
-        "app_id": m["application_id"],
-        "workflow_deadline_epoch_ms": m["workflow_deadline_epoch_ms"],
-        "workflow_timeout_ms": m["workflow_timeout_ms"],
-        "deduplication_id": m["deduplication_id"],
-        "priority": m["priority"],
-        "inputs": m["inputs"],
-        "queue_partition_key": m["queue_partition_key"],
-        "forked_from": m["forked_from"],
-        "parent_workflow_id": m["parent_workflow_id"],
-        "started_at_epoch_ms": m["started_at_epoch_ms"],
-        "serialization": m["serialization"],
-        "delay_until_epoch_ms": m["delay_until_epoch_ms"],
-        "attributes": m["attributes"],
-        "schedule_name": m["schedule_name"],
-        "debounce_deadline_epoch_ms": m["debounce_deadline_epoch_ms"],
-        "is_debounced": bool(m["is_debounced"]),
-        "application_name": m["application_name"],
-        "shard_key": None,
-    }
+    status = {key: m[column] for key, column in _STATUS_COLUMNS.items()}
+    status["is_debounced"] = bool(status["is_debounced"])
+    return {**status, "inputs": m["inputs"], "shard_key": None}
 
 
 # DBOS's cap on a deadline computed from a timeout (``_MAX_BIGINT`` in its claim).
@@ -671,22 +660,10 @@ def _claim_statement(sys_db: Any) -> Any:
             ),
         )
         .returning(
-            *(
-                ws.c[name]
-                for name in (
-                    "workflow_uuid", "status", "name", "recovery_attempts", "config_name",
-                    "class_name", "authenticated_user", "authenticated_roles", "assumed_role",
-                    "queue_name", "executor_id", "created_at", "updated_at",
-                    "application_version", "application_id", "workflow_deadline_epoch_ms",
-                    "workflow_timeout_ms", "deduplication_id", "priority",
-                    "queue_partition_key", "forked_from", "parent_workflow_id",
-                    "started_at_epoch_ms", "serialization", "delay_until_epoch_ms",
-                    "attributes", "schedule_name", "debounce_deadline_epoch_ms",
-                    "is_debounced", "application_name",
-                )
-            ),
+            *(ws.c[column] for column in _STATUS_COLUMNS.values()),
             sa.func.coalesce(
-                sa.select(wi.c.inputs).where(wi.c.workflow_uuid == ws.c.workflow_uuid)
+                sa.select(wi.c.inputs)
+                .where(wi.c.workflow_uuid == ws.c.workflow_uuid)
                 .scalar_subquery(),
                 ws.c.inputs,
             ).label("inputs"),
@@ -695,7 +672,9 @@ def _claim_statement(sys_db: Any) -> Any:
     )
     built = sa.select(
         sa.select(running.c.n).scalar_subquery().label("running"), claimed
-    ).select_from(sa.select(sa.literal(1).label("one")).subquery("one").outerjoin(claimed, sa.true()))
+    ).select_from(
+        sa.select(sa.literal(1).label("one")).subquery("one").outerjoin(claimed, sa.true())
+    )
     _claim_statements[sys_db] = built
     return built
 

@@ -405,10 +405,25 @@ class AdvisoryLease(Lease):
             self._held_others.clear()
 
 
+def executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, bool]:
+    """Whether each executor still holds its lease (read-only: nothing is taken or
+    adopted)."""
+    import sqlalchemy as sa
+
+    if not executor_ids:
+        return {}
+    if is_sqlite_url(engine.url.render_as_string(hide_password=False)):
+        probe = FileLease(engine, "accessctl-reader")
+        return {e: not probe.is_free(e) for e in executor_ids}
+    stmt = sa.text(f"SELECT count(*) FROM pg_locks WHERE {PostgresBackend.ADVISORY_LOCK_OF_ID}")
+    with engine.connect() as conn:
+        return {e: bool(conn.execute(stmt, {"id": e}).scalar()) for e in executor_ids}
+
+
 def any_executor_alive(engine: sa.Engine) -> bool:
-    """Whether any executing process holds its lease on this database now (read-only:
-    nothing is taken or adopted). Postgres: an executor's presence lock; SQLite: a held
-    ``flock`` among the lease files."""
+    """Whether any executing process holds its lease on this database now (read-only).
+    Postgres: an executor's presence lock; SQLite: a held ``flock`` among the lease
+    files."""
     import sqlalchemy as sa
 
     if is_sqlite_url(engine.url.render_as_string(hide_password=False)):

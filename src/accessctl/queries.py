@@ -13,7 +13,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from accessctl.backend import PostgresBackend, for_engine
 from accessctl.db import dbos_table
 from accessctl.exceptions import UsageError
 from accessctl.models import Access, Batch, Error, User
@@ -106,27 +105,13 @@ def batch_status(engine: sa.Engine, batch_id: str | None) -> dict[str, Any]:
     return {**batch, "done": batch["recorded"] + batch["failed"]}
 
 
-def _executors_alive(engine: sa.Engine, executor_ids: set[str]) -> dict[str, bool]:
-    """Whether each executor still holds its lease (read-only: nothing is adopted)."""
-    from accessctl.lease import FileLease
-
-    if not executor_ids:
-        return {}
-    if for_engine(engine).is_sqlite:
-        probe = FileLease(engine, "accessctl-reader")
-        return {e: not probe.is_free(e) for e in executor_ids}
-    stmt = sa.text(f"SELECT count(*) FROM pg_locks WHERE {PostgresBackend.ADVISORY_LOCK_OF_ID}")
-    with engine.connect() as conn:
-        return {e: bool(conn.execute(stmt, {"id": e}).scalar()) for e in executor_ids}
-
-
 def list_batches(
     engine: sa.Engine, *, limit: int, only: uuid.UUID | None = None
 ) -> list[dict[str, Any]]:
     """Recent batches (or just ``only``), newest first, with outcome counts and state
     (batch_state.py). A batch that ended reports the outcome stored with it."""
     from accessctl.batch_state import WORKFLOW_IN_FLIGHT, WORKFLOW_WAITING, batch_state
-    from accessctl.lease import any_executor_alive
+    from accessctl.lease import any_executor_alive, executors_alive
     from accessctl.workflows import batch_workflow_id, requests_in_flight
 
     if limit < 1:
@@ -175,7 +160,7 @@ def list_batches(
             if ids
             else {}
         )
-    alive = _executors_alive(
+    alive = executors_alive(
         engine, {str(e) for s, e in workflows.values() if s == "PENDING" and e is not None}
     )
     # Asked once, and only where it decides: a batch started but not yet followed.
